@@ -1,0 +1,250 @@
+"""The GFL detector: ResNet -> FPN -> GFL head, with training loss and inference.
+
+Legend: B images, G gt boxes (padded), A priors over all levels, C classes, R = reg_max,
+K = L * topk ATSS candidate slots per gt.
+
+The loss works in *candidate-slot* space: ATSS picks K candidate priors per gt, and every
+positive prior is exactly one slot (its gt's). So all positive-sample terms (QFL target,
+GIoU, DFL) are computed on fixed-size (B, G, K) tensors with a mask -- no ``nonzero``, no
+host synchronisation, no per-image or per-level loop. The negative part of QFL is dense over
+(B, A, C); at positive (prior, class) pairs it is replaced by the positive term.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..assigner import Assignment, atss_assign
+from ..boxes import bbox2distance, distance2bbox, aligned_iou
+from ..losses import distribution_focal_loss, giou_loss, qfl_negative, quality_focal_loss
+from ..postprocess import flatten_cls, flatten_reg, gfl_predict, integral
+from ..priors import Priors, make_priors
+from .backbone import ResNet
+from .fpn import FPN
+from .gfl_head import GFLHead
+
+EPS32 = float(torch.finfo(torch.float32).eps)  # mmdet adds this to every avg_factor
+
+DEFAULT_TRAIN_CFG = dict(assigner=dict(type="ATSSAssigner", topk=9), allowed_border=-1, pos_weight=-1, debug=False)
+DEFAULT_TEST_CFG = dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.6),
+                        max_per_img=100)
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+class GFL(nn.Module):
+    def __init__(self, backbone: ResNet, neck: FPN, bbox_head: GFLHead, train_cfg: dict | None = None,
+                 test_cfg: dict | None = None, loss_weights: dict | None = None, beta: float = 2.0,
+                 octave_base_scale: float = 8.0, class_names: Sequence[str] | None = None,
+                 mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
+        super().__init__()
+        self.backbone, self.neck, self.bbox_head = backbone, neck, bbox_head
+        self.train_cfg = {**DEFAULT_TRAIN_CFG, **(train_cfg or {})}
+        self.test_cfg = {**DEFAULT_TEST_CFG, **(test_cfg or {})}
+        self.loss_weights = {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_dfl": 0.25, **(loss_weights or {})}
+        self.beta, self.octave_base_scale = beta, octave_base_scale
+        self.class_names = tuple(class_names) if class_names else None
+        # not persistent: MMDetection keeps mean/std out of the state dict too
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.bbox_head.num_classes
+
+    @property
+    def reg_max(self) -> int:
+        return self.bbox_head.reg_max
+
+    # ------------------------------------------------------------------ forward
+    def preprocess(self, inputs: Tensor, metas: Sequence[dict]) -> Tensor:
+        """uint8/float RGB (B, 3, Hb, Wb) -> normalised float, zero outside each img_shape.
+
+        MMDetection normalises and then pads with zeros; padding the uint8 batch first and
+        masking afterwards gives the same tensor.
+        """
+        x = (inputs.to(self.pixel_mean.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
+        B, _, H, W = x.shape
+        hw = torch.tensor([m["img_shape"][:2] for m in metas], device=x.device)
+        if bool((hw[:, 0] < H).any() or (hw[:, 1] < W).any()):
+            rows = torch.arange(H, device=x.device)[None, :, None] < hw[:, 0, None, None]
+            cols = torch.arange(W, device=x.device)[None, None, :] < hw[:, 1, None, None]
+            x = x * (rows & cols)[:, None].to(x.dtype)
+        return x
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        return self.bbox_head(self.neck(self.backbone(x)))
+
+    def priors_for(self, cls_scores: list[Tensor]) -> Priors:
+        return make_priors([tuple(c.shape[-2:]) for c in cls_scores], self.bbox_head.strides,
+                           device=cls_scores[0].device)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, x: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+             metas: Sequence[dict]) -> dict[str, Tensor]:
+        cls_scores, bbox_preds = self(x)
+        return self.loss_by_feat(cls_scores, bbox_preds, gt_boxes, gt_labels, gt_valid, metas)
+
+    def assign(self, cls_scores: list[Tensor], gt_boxes: Tensor, gt_valid: Tensor,
+               metas: Sequence[dict]) -> tuple[Priors, Tensor, Assignment]:
+        priors = self.priors_for(cls_scores)
+        pad = torch.tensor([m["pad_shape"][:2] for m in metas], device=gt_boxes.device)
+        valid = priors.valid_mask(pad)  # (B, A)
+        asg = atss_assign(priors, gt_boxes.float(), gt_valid, pad, topk=self.train_cfg["assigner"].get("topk", 9),
+                          octave_base_scale=self.octave_base_scale)
+        return priors, valid, asg
+
+    def loss_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], gt_boxes: Tensor,
+                     gt_labels: Tensor, gt_valid: Tensor, metas: Sequence[dict]) -> dict[str, Tensor]:
+        """QFL + GIoU + DFL from head outputs, normalised as MMDetection's ``GFLHead.loss_by_feat``.
+
+        Normalisers (the easiest thing to get subtly wrong, so all here):
+          * loss_cls  = sum of QFL over valid priors x classes / (sum_i max(num_pos_i, 1) + eps)
+            -- an image with no positive counts 1 (mmdet's SamplingResult.avg_factor);
+          * loss_bbox = 2    * sum_pos w * (1 - GIoU)       / (1 + eps) / W
+          * loss_dfl  = 0.25 * sum_pos w * sum_sides DFL    / (4 + eps) / W
+            with w = max over classes of sigmoid(cls logit) of the positive (detached) and
+            W = max(sum_pos w, 1). The (1 + eps) and (4 + eps) are mmdet's ``avg_factor=1.0/4.0``
+            calls; the division by W is applied after them, per level in mmdet (same sum).
+        Normalisers are plain numbers for autograd (mmdet takes ``.item()`` of them).
+        """
+        B, G = gt_valid.shape
+        R, C = self.reg_max, self.num_classes
+        priors, valid, asg = self.assign(cls_scores, gt_boxes, gt_valid, metas)
+        cls = flatten_cls(cls_scores).float()  # (B, A, C)
+        reg = flatten_reg(bbox_preds, R).float()  # (B, A, 4, R+1)
+        gt_boxes = torch.where(gt_valid[..., None], gt_boxes.float(), gt_boxes.new_zeros(()).float())
+        labels = torch.where(gt_valid, gt_labels, torch.zeros_like(gt_labels))
+
+        # dense negative QFL term over every valid prior and class
+        neg = qfl_negative(cls, self.beta).sum(-1)  # (B, A)
+        loss_cls_sum = (neg * valid.to(neg.dtype)).sum()
+
+        # positive terms on candidate slots
+        pos = asg.pos  # (B, G, K)
+        posf = pos.to(cls.dtype)
+        idx = asg.cand_idx
+        bi = torch.arange(B, device=cls.device)[:, None, None]
+        cls_slot = cls[bi, idx]  # (B, G, K, C)
+        reg_slot = reg[bi, idx]  # (B, G, K, 4, R+1)
+        stride = priors.strides[idx][..., None]  # (B, G, K, 1)
+        centre = priors.points[idx] / stride
+        dist = integral(reg_slot, self.bbox_head.integral.project)  # (B, G, K, 4)
+        pred_box = distance2bbox(centre, dist)
+        tgt_box = gt_boxes[:, :, None, :] / stride
+        with torch.no_grad():
+            q = aligned_iou(pred_box.detach(), tgt_box)  # QFL quality target
+            w = cls_slot.detach().amax(-1).sigmoid() * posf  # (B, G, K)
+        x_pos = cls_slot.gather(-1, labels[:, :, None, None].expand(B, G, pos.shape[2], 1)).squeeze(-1)
+        pos_term = quality_focal_loss(x_pos, q, self.beta) - qfl_negative(x_pos, self.beta)
+        loss_cls_sum = loss_cls_sum + (pos_term * posf).sum()
+        qfl_avg = pos.flatten(1).sum(1).clamp(min=1).sum().to(cls.dtype)  # a tensor: no host sync
+
+        w_sum = w.sum()
+        bbox_avg = w_sum.clamp(min=1)
+        loss_giou = (w * giou_loss(pred_box, tgt_box)).sum() / (1 + EPS32)
+        dfl_t = bbox2distance(centre, tgt_box, R, 0.1)
+        loss_dfl = (distribution_focal_loss(reg_slot, dfl_t).sum(-1) * w).sum() / (4 + EPS32)
+        lw = self.loss_weights
+        return {
+            "loss_cls": lw["loss_cls"] * loss_cls_sum / (qfl_avg + EPS32),
+            "loss_bbox": lw["loss_bbox"] * loss_giou / bbox_avg,
+            "loss_dfl": lw["loss_dfl"] * loss_dfl / bbox_avg,
+        }
+
+    @torch.no_grad()
+    def targets(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], gt_boxes: Tensor, gt_labels: Tensor,
+                gt_valid: Tensor, metas: Sequence[dict]) -> dict[str, Tensor]:
+        """Dense per-prior targets in MMDetection's layout (for inspection and the parity tests):
+        labels (B, A) (C = background), label_weights (B, A), bbox_targets (B, A, 4) (input px),
+        qfl_score (B, A), bbox_weights (B, A) (w of positives, 0 elsewhere), assigned (B, A)."""
+        B, G = gt_valid.shape
+        priors, valid, asg = self.assign(cls_scores, gt_boxes, gt_valid, metas)
+        cls = flatten_cls(cls_scores).float()
+        reg = flatten_reg(bbox_preds, self.reg_max).float()
+        A = cls.shape[1]
+        a = asg.assigned
+        pos = a >= 0
+        g = a.clamp(min=0)
+        labels = torch.where(pos, gt_labels.gather(1, g), torch.full_like(a, self.num_classes))
+        boxes = torch.where(pos[..., None], gt_boxes.float().gather(1, g[..., None].expand(B, A, 4)), 0.0)
+        stride = priors.strides[None, :, None]
+        centre = priors.points[None] / stride
+        pred = distance2bbox(centre.expand(B, A, 2), integral(reg, self.bbox_head.integral.project))
+        q = torch.where(pos, aligned_iou(pred, boxes / stride), 0.0)
+        w = torch.where(pos, cls.amax(-1).sigmoid(), 0.0)
+        return dict(labels=labels, label_weights=valid.float(), bbox_targets=boxes, qfl_score=q,
+                    bbox_weights=w, assigned=a, valid=valid, num_pos=asg.num_pos)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, x: Tensor, metas: Sequence[dict], rescale: bool = True) -> list[dict[str, Tensor]]:
+        cls_scores, bbox_preds = self(x)
+        return self.predict_by_feat(cls_scores, bbox_preds, metas, rescale)
+
+    def predict_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], metas: Sequence[dict],
+                        rescale: bool = True) -> list[dict[str, Tensor]]:
+        priors = self.priors_for(cls_scores)
+        pts = priors.points.split(priors.num_level)
+        dev = cls_scores[0].device
+        img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=dev, dtype=torch.float32)
+        sf = torch.tensor([m["scale_factor"][:2] for m in metas], dtype=torch.float64) if rescale else None
+        cfg = self.test_cfg
+        return gfl_predict(cls_scores, bbox_preds, list(pts), list(self.bbox_head.strides), img_shapes, sf,
+                           self.bbox_head.integral.project, nms_pre=cfg["nms_pre"], score_thr=cfg["score_thr"],
+                           iou_threshold=cfg["nms"]["iou_threshold"], max_per_img=cfg["max_per_img"],
+                           min_bbox_size=cfg.get("min_bbox_size", 0))
+
+
+# ---------------------------------------------------------------------- building from config
+def _pop_type(cfg: dict, expected: str) -> dict:
+    cfg = dict(cfg)
+    t = cfg.pop("type", expected)
+    if t != expected:
+        raise ValueError(f"unsupported {expected} type {t!r}: gfl_det implements {expected} only")
+    return cfg
+
+
+def build_detector(cfg: dict[str, Any], class_names: Sequence[str] | None = None) -> GFL:
+    """Build a GFL detector from an MMDetection-style model dict (``model = dict(type='GFL', ...)``).
+
+    Unknown keys that only concern mmdet's registry plumbing (data_preprocessor, loss types)
+    are checked for the values gfl_det implements and otherwise ignored.
+    """
+    cfg = _pop_type(cfg, "GFL")
+    b = _pop_type(cfg["backbone"], "ResNet")
+    if b.get("style", "pytorch") != "pytorch":
+        raise NotImplementedError("ResNet style 'caffe' is not supported; use style='pytorch'")
+    init = b.get("init_cfg") or {}
+    backbone = ResNet(depth=b.get("depth", 50), base_channels=b.get("base_channels", 64),
+                      out_indices=b.get("out_indices", (0, 1, 2, 3)), frozen_stages=b.get("frozen_stages", 1),
+                      norm_eval=b.get("norm_eval", True), zero_init_residual=b.get("zero_init_residual", True),
+                      pretrained=init.get("checkpoint") if init.get("type") == "Pretrained" else None)
+    n = _pop_type(cfg["neck"], "FPN")
+    in_ch = n.get("in_channels", [c for c in backbone.out_channels])
+    if list(in_ch) != [backbone.out_channels[i] for i in backbone.out_indices]:
+        raise ValueError(f"neck.in_channels {list(in_ch)} do not match the backbone's outputs "
+                         f"{[backbone.out_channels[i] for i in backbone.out_indices]}")
+    neck = FPN(in_ch, n.get("out_channels", 256), n.get("start_level", 1), n.get("num_outs", 5),
+               n.get("add_extra_convs", "on_output"))
+    h = _pop_type(cfg["bbox_head"], "GFLHead")
+    ag = h.get("anchor_generator", {})
+    if list(ag.get("ratios", [1.0])) != [1.0] or ag.get("scales_per_octave", 1) != 1:
+        raise NotImplementedError("GFL uses one square anchor per location (ratios=[1.0], scales_per_octave=1)")
+    head = GFLHead(h["num_classes"], h.get("in_channels", neck_out(neck)), h.get("feat_channels", 256),
+                   h.get("stacked_convs", 4), h.get("reg_max", 16), ag.get("strides", (8, 16, 32, 64, 128)))
+    lw = dict(loss_cls=h.get("loss_cls", {}).get("loss_weight", 1.0),
+              loss_bbox=h.get("loss_bbox", {}).get("loss_weight", 2.0),
+              loss_dfl=h.get("loss_dfl", {}).get("loss_weight", 0.25))
+    beta = h.get("loss_cls", {}).get("beta", 2.0)
+    dp = cfg.get("data_preprocessor", {})
+    return GFL(backbone, neck, head, cfg.get("train_cfg"), cfg.get("test_cfg"), loss_weights=lw, beta=beta,
+               octave_base_scale=ag.get("octave_base_scale", 8), class_names=class_names,
+               mean=dp.get("mean", MEAN), std=dp.get("std", STD))
+
+
+def neck_out(neck: FPN) -> int:
+    return neck.fpn_convs[0].conv.out_channels

@@ -1,0 +1,137 @@
+"""Backbone, neck, head and detector building: names, freezing, pretrained loading, shapes."""
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from gfl_det.models import FPN, GFLHead, ResNet, build_detector
+
+KEYS = Path(__file__).resolve().parents[2] / "shared" / "golden" / "gfl_r50_state_dict_keys.txt"
+
+
+def r50_cfg(**head):
+    return dict(type="GFL", backbone=dict(type="ResNet", depth=50),
+                neck=dict(type="FPN", in_channels=[256, 512, 1024, 2048], out_channels=256, start_level=1,
+                          add_extra_convs="on_output", num_outs=5),
+                bbox_head=dict(type="GFLHead", num_classes=80, in_channels=256, **head))
+
+
+def test_r50_state_dict_keys_and_shapes_equal_mmdet():
+    if not KEYS.is_file():
+        pytest.skip(f"{KEYS} not found")
+    rows = [ln.split("\t") for ln in KEYS.read_text().splitlines() if ln and not ln.startswith("#")]
+    sd = build_detector(r50_cfg()).state_dict()
+    assert list(sd) == [r[0] for r in rows]
+    for key, shape, dtype in rows:
+        assert str(tuple(sd[key].shape)) == shape, key
+        assert str(sd[key].dtype).replace("torch.", "") == dtype, key
+
+
+@pytest.mark.parametrize("depth,c5", [(18, 512), (34, 512), (50, 2048), (101, 2048)])
+def test_resnet_depths_and_strides(depth, c5):
+    net = ResNet(depth).eval()
+    outs = net(torch.zeros(1, 3, 64, 96))
+    assert [o.shape[1] for o in outs][-1] == c5
+    assert [tuple(o.shape[-2:]) for o in outs] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+
+
+def test_frozen_stages_and_norm_eval():
+    net = ResNet(18, base_channels=16, frozen_stages=1, norm_eval=True)
+    net.train()
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("conv1", "bn1", "layer1.")) for n in frozen)
+    assert all(p.requires_grad for n, p in net.named_parameters() if n.startswith(("layer2", "layer3", "layer4")))
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(not m.training for m in bns)
+    before = bns[-1].running_mean.clone()
+    net(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before, bns[-1].running_mean)  # running stats untouched in train()
+    # norm_eval=False: BN trains, frozen stem stays in eval
+    net2 = ResNet(18, base_channels=16, frozen_stages=1, norm_eval=False).train()
+    assert net2.layer2[0].bn1.training and not net2.bn1.training and not net2.layer1[0].bn1.training
+
+
+def test_pretrained_from_torchvision_state_dict_file(tmp_path):
+    tv = torchvision.models.resnet18()
+    with torch.no_grad():
+        tv.layer3[1].conv2.weight.normal_()
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(tv.state_dict(), path)
+    net = ResNet(18, pretrained=str(path))
+    assert torch.equal(net.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
+    assert torch.equal(net.bn1.running_var, tv.bn1.running_var)
+    # the same through a detector config, and an mmcls-style 'backbone.' prefixed checkpoint
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in tv.state_dict().items()}}, tmp_path / "cls.pth")
+    cfg = dict(type="GFL", backbone=dict(type="ResNet", depth=18,
+                                         init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "cls.pth"))),
+               neck=dict(type="FPN", in_channels=[64, 128, 256, 512], out_channels=64),
+               bbox_head=dict(type="GFLHead", num_classes=3, in_channels=64, feat_channels=64, stacked_convs=1))
+    det = build_detector(cfg)
+    assert torch.equal(det.backbone.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
+
+
+def test_pretrained_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ResNet(18, pretrained=str(tmp_path / "missing.pth"))
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="do not fit ResNet-18"):
+        ResNet(18, pretrained=str(tmp_path / "r34.pth"))
+    # untrusted pickles are refused (weights_only=True)
+    torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "obj": Path("x")}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        ResNet(18, pretrained=str(tmp_path / "evil.pth"))
+
+
+def test_fpn_shapes_and_p6_from_p5_output():
+    fpn = FPN([16, 32, 64, 128], 8, start_level=1, num_outs=5)
+    feats = [torch.randn(1, c, s, s) for c, s in zip([16, 32, 64, 128], [40, 20, 10, 5])]
+    outs = fpn(feats)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2)]
+    # P6 is computed from the P5 output, P7 from P6 (no ReLU in between)
+    assert torch.allclose(outs[3], fpn.fpn_convs[3](outs[2]))
+    assert torch.allclose(outs[4], fpn.fpn_convs[4](outs[3]))
+
+
+def test_head_init_and_parameters():
+    head = GFLHead(num_classes=7, in_channels=32, feat_channels=32, stacked_convs=3, reg_max=8)
+    assert len(head.cls_convs) == 3 and head.gfl_reg.out_channels == 4 * 9
+    assert torch.allclose(head.gfl_cls.bias, torch.full((7,), -4.59512), atol=1e-4)  # prior 0.01
+    assert head.gfl_cls.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert torch.equal(head.integral.project, torch.arange(9.0))
+    cls, reg = head([torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)])
+    assert cls[0].shape == (2, 7, 8, 8) and reg[1].shape == (2, 36, 4, 4)
+
+
+def test_build_rejects_unsupported():
+    with pytest.raises(ValueError, match="unsupported"):
+        build_detector({**r50_cfg(), "type": "RetinaNet"})
+    bad = r50_cfg()
+    bad["neck"] = {**bad["neck"], "in_channels": [64, 128, 256, 512]}
+    with pytest.raises(ValueError, match="in_channels"):
+        build_detector(bad)
+
+
+def test_predict_batch_and_empty():
+    cfg = dict(type="GFL", backbone=dict(type="ResNet", depth=18, base_channels=16),
+               neck=dict(type="FPN", in_channels=[16, 32, 64, 128], out_channels=32),
+               bbox_head=dict(type="GFLHead", num_classes=4, in_channels=32, feat_channels=32, stacked_convs=1))
+    model = build_detector(cfg).eval()
+    metas = [dict(img_shape=(64, 96), ori_shape=(128, 192), scale_factor=(0.5, 0.5), pad_shape=(64, 96)),
+             dict(img_shape=(50, 60), ori_shape=(50, 60), scale_factor=(1.0, 1.0), pad_shape=(64, 64))]
+    x = model.preprocess(torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8), metas)
+    assert x[1, :, 50:].abs().max() == 0 and x[1, :, :, 60:].abs().max() == 0
+    # the prior bias gives scores ~0.01 < 0.05: no detection, and no crash
+    preds = model.predict(x, metas)
+    assert [len(p["bboxes"]) for p in preds] == [0, 0]
+    with torch.no_grad():
+        model.bbox_head.gfl_cls.bias.fill_(0.0)  # every score 0.5
+    preds = model.predict(x, metas)
+    assert all(0 < len(p["bboxes"]) < 100 for p in preds)  # NMS at 0.6 merges the many overlaps
+    model.test_cfg["nms"] = dict(type="nms", iou_threshold=1.0)  # suppress nothing: the cap applies
+    preds = model.predict(x, metas)
+    for p, m in zip(preds, metas):
+        assert len(p["bboxes"]) == 100
+        assert (p["scores"][:-1] >= p["scores"][1:]).all()
+        h, w = m["ori_shape"]
+        assert p["bboxes"][:, 0::2].max() <= w + 1e-3 and p["bboxes"][:, 1::2].max() <= h + 1e-3

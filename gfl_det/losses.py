@@ -26,6 +26,50 @@ def qfl_negative(logits: Tensor, beta: float = 2.0) -> Tensor:
     return F.softplus(logits) * mod
 
 
+class _QFLNegativeSum(torch.autograd.Function):
+    """sum_{b,a} valid[b,a] * sum_c softplus(x) * sigmoid(x)^2, in cache-sized chunks.
+
+    Dense over every prior and class, so it is the largest elementwise cost of the loss;
+    fusing forward and backward (d/dx = s^2 (s + 2 (1 - s) softplus(x)), s = sigmoid(x)) in
+    chunks that stay in cache is ~2x faster on CPU than autograd over the separate ops, and
+    keeps no (B, A, C) intermediates alive between forward and backward.
+    """
+
+    CHUNK = 1 << 16  # elements per chunk
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, weight: Tensor) -> Tensor:
+        x = logits.reshape(-1, logits.shape[-1])
+        w = weight.reshape(-1).to(x.dtype)
+        rows = max(1, _QFLNegativeSum.CHUNK // max(1, x.shape[1]))
+        total = x.new_zeros(())
+        for i in range(0, x.shape[0], rows):
+            xc = x[i:i + rows]
+            sc = torch.sigmoid(xc)
+            total = total + ((F.softplus(xc) * sc * sc).sum(1) * w[i:i + rows]).sum()
+        ctx.save_for_backward(logits, weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, weight = ctx.saved_tensors
+        x = logits.reshape(-1, logits.shape[-1])
+        w = weight.reshape(-1).to(x.dtype)
+        grad = torch.empty_like(x)
+        rows = max(1, _QFLNegativeSum.CHUNK // max(1, x.shape[1]))
+        for i in range(0, x.shape[0], rows):
+            xc = x[i:i + rows]
+            sc = torch.sigmoid(xc)
+            g = sc * sc * (sc + 2 * (1 - sc) * F.softplus(xc))
+            grad[i:i + rows] = g * (w[i:i + rows] * grad_out)[:, None]
+        return grad.view_as(logits), None
+
+
+def qfl_negative_sum(logits: Tensor, weight: Tensor) -> Tensor:
+    """Weighted sum of ``qfl_negative(logits)`` (beta 2): logits (..., C), weight (...) -> scalar."""
+    return _QFLNegativeSum.apply(logits, weight)
+
+
 def quality_focal_loss(logits: Tensor, target: Tensor, beta: float = 2.0) -> Tensor:
     """Elementwise QFL for a soft target ``target`` in [0, 1] (same shape as logits)."""
     s = logits.sigmoid()

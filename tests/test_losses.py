@@ -95,3 +95,23 @@ def test_distance_roundtrip_and_clip():
     assert bbox2distance(pts, boxes, max_dis=4).max().item() == pytest.approx(3.9)
     clipped = distance2bbox(pts, torch.tensor([[20.0, 30, 50, 1], [1, 1, 1, 1]]), torch.tensor([32.0, 40.0]))
     assert clipped[0].tolist() == [0.0, 0.0, 40.0, 21.0]
+
+
+def test_fused_negative_qfl_sum_matches_autograd():
+    from gfl_det.losses import _QFLNegativeSum, qfl_negative_sum
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 300, 7, generator=g) * 6).double().requires_grad_()
+    w = torch.rand(2, 300, generator=g) > 0.2
+    old = _QFLNegativeSum.CHUNK
+    _QFLNegativeSum.CHUNK = 100  # several chunks, one partial
+    try:
+        fused = qfl_negative_sum(x, w)
+        (gf,) = torch.autograd.grad(fused * 3.0, x)
+    finally:
+        _QFLNegativeSum.CHUNK = old
+    ref = (qfl_negative(x).sum(-1) * w).sum()
+    (gr,) = torch.autograd.grad(ref * 3.0, x)
+    assert torch.allclose(fused, ref, rtol=1e-12)
+    # (autograd takes d softplus = 1 above its threshold 20, sigmoid(20) = 1 - 2e-9: hence rtol 1e-7)
+    assert torch.allclose(gf, gr, rtol=1e-7, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: qfl_negative_sum(t, w[:1, :5]), (x[:1, :5].detach().requires_grad_(),))

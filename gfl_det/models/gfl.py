@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..assigner import Assignment, atss_assign
 from ..boxes import bbox2distance, distance2bbox, aligned_iou
-from ..losses import distribution_focal_loss, giou_loss, qfl_negative, quality_focal_loss
+from ..losses import distribution_focal_loss, giou_loss, qfl_negative, qfl_negative_sum, quality_focal_loss
 from ..postprocess import flatten_cls, flatten_reg, gfl_predict, integral
 from ..priors import Priors, make_priors
 from .backbone import ResNet
@@ -120,8 +120,10 @@ class GFL(nn.Module):
         labels = torch.where(gt_valid, gt_labels, torch.zeros_like(gt_labels))
 
         # dense negative QFL term over every valid prior and class
-        neg = qfl_negative(cls, self.beta).sum(-1)  # (B, A)
-        loss_cls_sum = (neg * valid.to(neg.dtype)).sum()
+        if self.beta == 2.0:
+            loss_cls_sum = qfl_negative_sum(cls, valid)  # fused, chunked
+        else:
+            loss_cls_sum = (qfl_negative(cls, self.beta).sum(-1) * valid.to(cls.dtype)).sum()
 
         # positive terms on candidate slots
         pos = asg.pos  # (B, G, K)

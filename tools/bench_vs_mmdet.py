@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""gfl_det beside MMDetection on this machine, in one run, reported as ratios.
+
+    bash ../shared/mmdet_ref/setup.sh            # once: MMDetection 3.3.0 in /tmp/anchor/venv
+    python tools/bench_vs_mmdet.py [--config configs/gfl_r50.py] [--markdown]
+
+Runs ../shared/mmdet_ref/bench_cpu.py (R50 GFL: train step 2 x 800 x 1216 with 10 gt, head
+loss with 10 / 100 gt, predict 1 x 800 x 1216) and the same workloads through
+tools/benchmark.py, then prints gfl_det / mmdet ratios (lower is faster). The machine may be
+shared: only ratios from the same run mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def ours(config: str, *args: str, threads: int) -> dict:
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), config, "--json", "--device", "cpu",
+           "--threads", str(threads), *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "gfl_r50.py"))
+    p.add_argument("--mmdet-python", default=os.environ.get("MMDET_PYTHON", "/tmp/anchor/venv/bin/python"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    bench = SHARED / "mmdet_ref" / "bench_cpu.py"
+    if not bench.is_file() or not Path(args.mmdet_python).is_file():
+        sys.exit(f"error: need {bench} and an MMDetection venv at {args.mmdet_python}; "
+                 f"run `bash {SHARED / 'mmdet_ref' / 'setup.sh'}` first")
+    cmd = [args.mmdet_python, str(bench), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    if args.skip_train:
+        cmd.append("--skip-train")
+    mm = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    r = str(args.repeats)
+    rows = []
+    if not args.skip_train:
+        t = ours(args.config, "--task", "train", "--batch", "2", "--shape", "800", "1216", "--num-gt", "10",
+                 "--iters", r, "--warmup", "1", threads=args.threads)
+        rows.append(("train step, 2 x 800x1216, 10 gt", t["median_s"], mm["train_step_s"]))
+    for g in (10, 100):
+        t = ours(args.config, "--task", "loss", "--batch", "2", "--shape", "800", "1216", "--num-gt", str(g),
+                 "--iters", "7", "--warmup", "2", threads=args.threads)
+        rows.append((f"head loss fwd+bwd, 2 images, {g} gt", t["median_s"], mm[f"head_loss_fwdbwd_s_gt{g}"]))
+    t = ours(args.config, "--task", "infer", "--batch", "1", "--shape", "800", "1216", "--iters", r, "--warmup", "1",
+             threads=args.threads)
+    rows.append(("inference incl. NMS, 1 x 800x1216", t["median_s"], mm["predict_s"]))
+    if args.markdown:
+        print(f"| CPU, {args.threads} threads | gfl_det s | MMDetection s | ratio |\n|---|---:|---:|---:|")
+        for name, a, b in rows:
+            print(f"| {name} | {a:.4f} | {b:.4f} | {a / b:.2f} |")
+    else:
+        for name, a, b in rows:
+            print(f"{name:<40} gfl_det {a:9.4f} s   mmdet {b:9.4f} s   ratio {a / b:.2f}")
+    print(json.dumps(dict(mmdet=mm, rows=[dict(task=n, gfl_det_s=a, mmdet_s=b, ratio=a / b) for n, a, b in rows])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Time a GFL task on random data: a training step, inference, or the head loss alone.
+
+    python tools/benchmark.py configs/gfl_r50.py --task train --device cpu --batch 2 --shape 800 1216 \
+        --num-gt 10 --iters 3 [--amp] [--channels-last] [--compile] [--json]
+
+Warm-up iterations are excluded; prints median / min / max seconds per iteration, images/s
+and peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
+Weights are random unless --checkpoint. For --task infer/loss the classifier is given the
+same "realistic" random init as MMDetection's reference benchmark (../shared/mmdet_ref/
+bench_cpu.py: cls bias ~ N(-5.25, 0.5)) so that thousands of (prior, class) pairs pass the
+score threshold and NMS has real work, as with a trained model.
+--task loss times ``loss_by_feat`` (priors, ATSS, targets, QFL/GIoU/DFL) forward and backward
+to the head outputs, as MMDetection's ``GFLHead.loss_by_feat``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gfl_det.models import build_detector  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--task", choices=["train", "infer", "loss"], default="train")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--shape", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
+    p.add_argument("--num-gt", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--amp", nargs="?", const="auto", default=None, choices=["auto", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on CPU, bf16 on CUDA when supported)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone, neck and head")
+    p.add_argument("--checkpoint", help="weights to load (default: random)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    return p.parse_args(argv)
+
+
+def random_gt(g: torch.Generator, B: int, G: int, h: int, w: int, num_classes: int):
+    """Boxes with log-uniform sides from 4 px to ~0.9 of the image, inside the image."""
+    lo = torch.log(torch.tensor(4.0))
+    bw = torch.exp(lo + torch.rand(B, G, generator=g) * (torch.log(torch.tensor(0.9 * w)) - lo))
+    bh = torch.exp(lo + torch.rand(B, G, generator=g) * (torch.log(torch.tensor(0.9 * h)) - lo))
+    x1 = torch.rand(B, G, generator=g) * (w - bw)
+    y1 = torch.rand(B, G, generator=g) * (h - bh)
+    boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], -1)
+    labels = torch.randint(0, num_classes, (B, G), generator=g)
+    return boxes, labels, torch.ones(B, G, dtype=torch.bool)
+
+
+def realistic_head_init_(model, g: torch.Generator) -> None:
+    head = model.bbox_head
+    with torch.no_grad():
+        fan_in = head.gfl_cls.weight[0].numel()
+        head.gfl_cls.weight.copy_(torch.randn(head.gfl_cls.weight.shape, generator=g) * 0.72 / fan_in ** 0.5)
+        head.gfl_cls.bias.copy_(torch.randn(head.gfl_cls.bias.shape, generator=g) * 0.5 - 5.25)
+        head.gfl_reg.weight.copy_(torch.randn(head.gfl_reg.weight.shape, generator=g) * 1.2 / fan_in ** 0.5)
+
+
+def amp_dtype(arg: str | None, device: torch.device):
+    if arg is None:
+        return None
+    if arg == "fp16":
+        return torch.float16
+    if arg == "bf16" or device.type == "cpu" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mem_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(args) -> dict:
+    from mmengine.config import Config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    cfg = Config.fromfile(args.config)
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
+    model_cfg.get("backbone", {}).pop("init_cfg", None)  # random weights: no pretrained download
+    model = build_detector(model_cfg)
+    g = torch.Generator().manual_seed(args.seed)
+    if args.checkpoint:
+        from gfl_det.checkpoint import load_weights
+        load_weights(model, args.checkpoint)
+    elif args.task != "train":
+        realistic_head_init_(model, g)
+    model.to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone = torch.compile(model.backbone)
+        model.neck = torch.compile(model.neck)
+        model.bbox_head = torch.compile(model.bbox_head)
+    dtype = amp_dtype(args.amp, device)
+
+    B, (H, W) = args.batch, args.shape
+    Hb, Wb = -(-H // 32) * 32, -(-W // 32) * 32
+    metas = [dict(img_shape=(H, W), pad_shape=(Hb, Wb), batch_input_shape=(Hb, Wb), ori_shape=(H, W),
+                  scale_factor=(1.0, 1.0)) for _ in range(B)]
+    images = torch.randint(0, 256, (B, 3, Hb, Wb), dtype=torch.uint8, generator=g)
+    gt = [t.to(device) for t in random_gt(g, B, args.num_gt, H, W, model.num_classes)]
+    if device.type == "cuda":
+        images = images.pin_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    if args.task == "train":
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+        def step():
+            x = model.preprocess(images, metas).contiguous(memory_format=fmt)
+            with autocast():
+                losses = model.loss(x, *gt, metas)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(opt)
+            scaler.update()
+    elif args.task == "infer":
+        model.eval()
+
+        @torch.no_grad()
+        def step():
+            x = model.preprocess(images, metas).contiguous(memory_format=fmt)
+            with autocast():
+                preds = model.predict(x, metas)
+            return preds
+    else:
+        model.train()
+        with torch.no_grad(), autocast():
+            cls, reg = model(model.preprocess(images, metas).contiguous(memory_format=fmt))
+        cls = [c.detach().requires_grad_() for c in cls]
+        reg = [r.detach().requires_grad_() for r in reg]
+
+        def step():
+            losses = model.loss_by_feat(cls, reg, *gt, metas)
+            sum(losses.values()).backward()
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
+               amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
+               compile=args.compile, threads=torch.get_num_threads(), torch=torch.__version__,
+               iters=args.iters, median_s=med, min_s=min(times), max_s=max(times),
+               images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))
+    if device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(device)
+    if args.task == "infer":
+        res["num_dets"] = [len(p["bboxes"]) for p in step()]
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    res = run(args)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['task']} on {res['device']} ({res['threads']} threads), batch {res['batch']} x "
+              f"{res['shape'][0]}x{res['shape'][1]}, {res['num_gt']} gt, amp={res['amp']}, "
+              f"channels_last={res['channels_last']}, compile={res['compile']}")
+        print(f"  median {res['median_s']:.4f} s/iter  (min {res['min_s']:.4f}, max {res['max_s']:.4f}, "
+              f"{res['iters']} iters after {args.warmup} warm-up)")
+        print(f"  {res['images_per_s']:.2f} images/s, peak memory {res['peak_mem_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""FLOPs of the detector's forward (backbone + neck + head) with torch's flop counter.
+
+    python tools/get_flops.py configs/gfl_r50.py --shape 800 1216
+
+FLOPs here count a multiply-add as 2 (torch.utils.flop_counter), so they are ~2x the "GMACs"
+some tools print. With a measured time t for a batch of B images,
+MFU = B * flops_per_image * (3 if training else 1) / t / peak_flops_of_the_device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gfl_det.models import build_detector  # noqa: E402
+
+
+def count_flops(model, shape) -> tuple[int, dict]:
+    x = torch.zeros(1, 3, *shape)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    per_module = {k: v for k, v in fc.get_flop_counts().items() if k.count(".") == 1}
+    return fc.get_total_flops(), {k: sum(v.values()) for k, v in per_module.items()}
+
+
+def main(argv=None):
+    from mmengine.config import Config
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--shape", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    cfg = Config.fromfile(args.config).model.to_dict()
+    cfg.get("backbone", {}).pop("init_cfg", None)
+    model = build_detector(cfg)
+    total, parts = count_flops(model, args.shape)
+    params = sum(p.numel() for p in model.parameters())
+    res = dict(config=args.config, shape=list(args.shape), gflops=total / 1e9, params_m=params / 1e6,
+               parts_gflops={k: v / 1e9 for k, v in parts.items() if v})
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.config} @ {args.shape[0]}x{args.shape[1]}: {total / 1e9:.1f} GFLOPs (forward, 1 image; "
+              f"1 multiply-add = 2 FLOPs), {params / 1e6:.2f} M parameters")
+        for k, v in res["parts_gflops"].items():
+            print(f"  {k:<20} {v:8.1f} GFLOPs")
+
+
+if __name__ == "__main__":
+    main()

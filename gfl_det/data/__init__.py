@@ -1,0 +1,21 @@
+"""Data side of gfl_det: COCO dataset, transforms, batching, synthetic and custom data.
+
+See the contract in each module's docstring; the main entry points:
+
+* :class:`CocoDataset` -- COCO JSON + images -> samples (uint8 CHW image, xyxy boxes, labels,
+  meta); validation and skip reports (:class:`SkipReport`).
+* :func:`build_transforms` -- keep-ratio resize (single or multi-scale), flip, colour.
+* :func:`collate` -- samples -> padded batch with a gt valid mask.
+* :class:`AspectRatioBatchSampler`, :func:`build_dataloader`.
+* :func:`make_synthetic_coco` -- the synthetic shapes dataset; :func:`voc_to_coco` -- Pascal VOC.
+"""
+
+from .coco import CocoDataset, to_sample
+from .collate import collate
+from .transforms import (Compose, KeepRatioResize, PhotoMetricDistortion, RandomFlip,
+                         build_transforms, rescale_size, restore_boxes)
+from .validation import BadImageError, DatasetError, SkipReport, load_image
+
+__all__ = ['CocoDataset', 'to_sample', 'collate', 'Compose', 'KeepRatioResize',
+           'PhotoMetricDistortion', 'RandomFlip', 'build_transforms', 'rescale_size',
+           'restore_boxes', 'BadImageError', 'DatasetError', 'SkipReport', 'load_image']

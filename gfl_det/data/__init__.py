@@ -12,11 +12,13 @@ See the contract in each module's docstring; the main entry points:
 
 from .coco import CocoDataset, to_sample
 from .collate import collate
+from .loader import AspectRatioBatchSampler, build_dataloader, worker_init_fn
 from .synthetic import make_synthetic_coco
 from .transforms import (Compose, KeepRatioResize, PhotoMetricDistortion, RandomFlip,
                          build_transforms, rescale_size, restore_boxes)
 from .validation import BadImageError, DatasetError, SkipReport, load_image
 
-__all__ = ['CocoDataset', 'to_sample', 'collate', 'make_synthetic_coco', 'Compose', 'KeepRatioResize',
+__all__ = ['CocoDataset', 'to_sample', 'collate', 'AspectRatioBatchSampler', 'build_dataloader',
+           'worker_init_fn', 'make_synthetic_coco', 'Compose', 'KeepRatioResize',
            'PhotoMetricDistortion', 'RandomFlip', 'build_transforms', 'rescale_size',
            'restore_boxes', 'BadImageError', 'DatasetError', 'SkipReport', 'load_image']

@@ -17,8 +17,10 @@ from .synthetic import make_synthetic_coco
 from .transforms import (Compose, KeepRatioResize, PhotoMetricDistortion, RandomFlip,
                          build_transforms, rescale_size, restore_boxes)
 from .validation import BadImageError, DatasetError, SkipReport, load_image
+from .voc import voc_to_coco
 
 __all__ = ['CocoDataset', 'to_sample', 'collate', 'AspectRatioBatchSampler', 'build_dataloader',
            'worker_init_fn', 'make_synthetic_coco', 'Compose', 'KeepRatioResize',
            'PhotoMetricDistortion', 'RandomFlip', 'build_transforms', 'rescale_size',
-           'restore_boxes', 'BadImageError', 'DatasetError', 'SkipReport', 'load_image']
+           'restore_boxes', 'BadImageError', 'DatasetError', 'SkipReport', 'load_image',
+           'voc_to_coco']

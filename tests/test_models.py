@@ -135,3 +135,34 @@ def test_predict_batch_and_empty():
         assert (p["scores"][:-1] >= p["scores"][1:]).all()
         h, w = m["ori_shape"]
         assert p["bboxes"][:, 0::2].max() <= w + 1e-3 and p["bboxes"][:, 1::2].max() <= h + 1e-3
+
+
+def test_fuse_for_inference_same_detections():
+    from gfl_det.models import fuse_for_inference
+    torch.manual_seed(0)
+    cfg = dict(type="GFL", backbone=dict(type="ResNet", depth=18, base_channels=16),
+               neck=dict(type="FPN", in_channels=[16, 32, 64, 128], out_channels=64),
+               bbox_head=dict(type="GFLHead", num_classes=4, in_channels=64, feat_channels=64, stacked_convs=1))
+    model = build_detector(cfg).eval()
+    with torch.no_grad():  # non-trivial BN statistics and affine so folding is exercised
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+        model.bbox_head.gfl_cls.bias.fill_(-1.0)
+    x = torch.randn(1, 3, 96, 128)
+    metas = [dict(img_shape=(96, 128), ori_shape=(96, 128), scale_factor=(1.0, 1.0))]
+    with torch.no_grad():
+        ref_maps = model(x)
+        ref = model.predict(x, metas)[0]
+    fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    with torch.no_grad():
+        maps = model(x)
+        out = model.predict(x, metas)[0]
+    for a, b in zip(ref_maps[0] + ref_maps[1], maps[0] + maps[1]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert len(out["bboxes"]) == len(ref["bboxes"]) > 0
+    assert torch.allclose(out["bboxes"], ref["bboxes"], atol=1e-2)

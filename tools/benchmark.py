@@ -43,6 +43,7 @@ def parse_args(argv=None):
                    help="autocast dtype (auto: bf16 on CPU, bf16 on CUDA when supported)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone, neck and head")
+    p.add_argument("--no-fuse", action="store_true", help="infer: keep BN separate (default folds it into convs)")
     p.add_argument("--checkpoint", help="weights to load (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -109,6 +110,9 @@ def run(args) -> dict:
         load_weights(model, args.checkpoint)
     elif args.task != "train":
         realistic_head_init_(model, g)
+    if args.task == "infer" and not args.no_fuse:
+        from gfl_det.models import fuse_for_inference
+        fuse_for_inference(model)
     model.to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last:
@@ -178,7 +182,7 @@ def run(args) -> dict:
     med = statistics.median(times)
     res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
-               compile=args.compile, threads=torch.get_num_threads(), torch=torch.__version__,
+               compile=args.compile, fused_bn=args.task == "infer" and not args.no_fuse, threads=torch.get_num_threads(), torch=torch.__version__,
                iters=args.iters, median_s=med, min_s=min(times), max_s=max(times),
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))
     if device.type == "cuda":

@@ -7,7 +7,8 @@ See the contract in each module's docstring; the main entry points:
 * :func:`build_transforms` -- keep-ratio resize (single or multi-scale), flip, colour.
 * :func:`collate` -- samples -> padded batch with a gt valid mask.
 * :class:`AspectRatioBatchSampler`, :func:`build_dataloader`.
-* :func:`make_synthetic_coco` -- the synthetic shapes dataset; :func:`voc_to_coco` -- Pascal VOC.
+* :func:`make_synthetic_coco` -- the synthetic shapes dataset; :func:`voc_to_coco` / :func:`yolo_to_coco`
+  -- Pascal VOC XML / YOLO txt labels to COCO.
 """
 
 from .coco import CocoDataset, to_sample
@@ -18,9 +19,10 @@ from .transforms import (Compose, KeepRatioResize, PhotoMetricDistortion, Random
                          build_transforms, rescale_size, restore_boxes)
 from .validation import BadImageError, DatasetError, SkipReport, load_image
 from .voc import voc_to_coco
+from .yolo import yolo_to_coco
 
 __all__ = ['CocoDataset', 'to_sample', 'collate', 'AspectRatioBatchSampler', 'build_dataloader',
            'worker_init_fn', 'make_synthetic_coco', 'Compose', 'KeepRatioResize',
            'PhotoMetricDistortion', 'RandomFlip', 'build_transforms', 'rescale_size',
            'restore_boxes', 'BadImageError', 'DatasetError', 'SkipReport', 'load_image',
-           'voc_to_coco']
+           'voc_to_coco', 'yolo_to_coco']

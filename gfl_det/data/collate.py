@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -36,7 +37,17 @@ def collate(samples: Sequence[dict], size_divisor: int = 32) -> dict:
     G = max(int(s['boxes'].shape[0]) for s in samples)
 
     img0 = samples[0]['image']
-    inputs = img0.new_zeros((B, img0.shape[0], Hb, Wb))              # (B, 3, Hb, Wb)
+    shape = (B, img0.shape[0], Hb, Wb)
+    if torch.utils.data.get_worker_info() is not None:
+        # in a DataLoader worker: build the batch directly in shared memory, as torch's
+        # default_collate does, so sending it to the main process copies nothing
+        try:
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * img0.element_size())
+            inputs = torch.empty(0, dtype=img0.dtype).set_(storage).view(shape).zero_()
+        except (AttributeError, RuntimeError):   # private API moved: fall back to a plain copy
+            inputs = img0.new_zeros(shape)
+    else:
+        inputs = img0.new_zeros(shape)                               # (B, 3, Hb, Wb)
     gt_boxes = torch.zeros((B, G, 4), dtype=torch.float32)           # (B, G, 4)
     gt_labels = torch.full((B, G), -1, dtype=torch.int64)            # (B, G)
     gt_valid = torch.zeros((B, G), dtype=torch.bool)                 # (B, G)

@@ -159,3 +159,18 @@ def test_workers_do_not_share_augmentation_streams(tmp_path):
                               persistent_workers=False)
     b0, b1 = list(loader)
     assert not torch.equal(b0['inputs'], b1['inputs'])
+
+
+def test_worker_batches_equal_in_process_batches(synthetic):
+    """The shared-memory collate path in workers gives the same tensors (padding included)."""
+    ds = CocoDataset(synthetic['train_ann'], synthetic['train_img_dir'],
+                     dict(scale=(256, 200), flip_prob=0))
+    a = list(build_dataloader(ds, batch_size=3, num_workers=0, seed=4))
+    b = list(build_dataloader(ds, batch_size=3, num_workers=2, seed=4, persistent_workers=False))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x['inputs'].shape == y['inputs'].shape
+        assert torch.equal(x['inputs'], y['inputs'])
+        for k in ('gt_boxes', 'gt_labels', 'gt_valid'):
+            assert torch.equal(x[k], y[k])
+        assert x['metas'] == y['metas']

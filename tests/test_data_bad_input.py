@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from gfl_det.data import BadImageError, CocoDataset, DatasetError, build_dataloader
+from gfl_det.data import (BadImageError, CocoDataset, DatasetError, SkipReport,
+                          build_dataloader)
 from gfl_det.data.validation import check_dataset
 
 REPO = Path(__file__).parents[1]
@@ -232,6 +233,9 @@ def test_training_goes_on_through_a_dataloader_with_workers(tmp_path):
     metas = [m for batch in loader for m in batch['metas']]
     assert len(metas) == 6
     assert sum(len(m.get('skipped', [])) for m in metas) == 1   # reported in the batch
+    assert ds.skipped['corrupt_image'] == 0                      # counted in the worker's copy
+    total = SkipReport().add_from_metas(metas)                   # ... and in the main process
+    assert dict(total.counts) == {'corrupt_image': 1} and total.files('corrupt_image') == ['4.jpg']
 
 
 # ------------------------------------------------------------------ check_dataset tool

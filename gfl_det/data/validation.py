@@ -126,6 +126,18 @@ class SkipReport:
             self.where[k].extend(v)
         return self
 
+    def add_from_metas(self, metas: Iterable[dict]) -> 'SkipReport':
+        """Count the bad images that training replaced, from batch metas.
+
+        With DataLoader workers each worker has its own copy of ``dataset.skipped``; the
+        replacement sample carries ``meta['skipped'] = [(reason, file_name), ...]`` so the
+        main process can keep the true total: ``report.add_from_metas(batch['metas'])``.
+        """
+        for m in metas:
+            for reason, name in m.get('skipped', ()):
+                self.add(reason, name)
+        return self
+
     def __getitem__(self, reason: str) -> int:
         return self.counts[reason]
 

@@ -174,3 +174,19 @@ def test_worker_batches_equal_in_process_batches(synthetic):
         for k in ('gt_boxes', 'gt_labels', 'gt_valid'):
             assert torch.equal(x[k], y[k])
         assert x['metas'] == y['metas']
+
+
+def test_mmengine_runner_builds_our_loader(synthetic):
+    """mmengine's Runner.build_dataloader with our batch sampler and collate as cfg types."""
+    from mmengine.runner import Runner
+    ds = CocoDataset(synthetic['train_ann'], synthetic['train_img_dir'], dict(scale=(320, 320)))
+    dl = Runner.build_dataloader(dict(
+        dataset=ds, sampler=dict(type='DefaultSampler', shuffle=True),
+        batch_sampler=dict(type=AspectRatioBatchSampler), collate_fn=dict(type=collate),
+        batch_size=5, num_workers=0), seed=0)
+    assert isinstance(dl.batch_sampler, AspectRatioBatchSampler)
+    batches = list(dl)
+    assert len(batches) == len(dl)
+    assert sorted(m['img_id'] for b in batches for m in b['metas']) == sorted(ds.img_ids)
+    for b in batches:
+        assert len({m['ori_shape'][1] >= m['ori_shape'][0] for m in b['metas']}) == 1

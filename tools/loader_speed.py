@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Images/s of the data loader alone (decode + augment + collate), no model.
 
-    python tools/loader_speed.py                                  # coco128, 1333x800, 0 and 2 workers
+    python tools/loader_speed.py                  # coco128, 1333x800, 0 and 2 workers
     python tools/loader_speed.py --ann A.json --img-dir DIR --workers 0 4 --scale 1333 800
 
 Default data: ../shared/datasets/coco128 (the first 128 COCO train2017 images). The training

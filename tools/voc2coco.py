@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         print(f"{len(rep['clipped'])} boxes crossed the image border and were clipped "
               f"(first: {rep['clipped'][0][0]})", file=sys.stderr)
     print(f"{rep['num_images']} images, {rep['num_objects']} boxes read in "
-          f"{len(coco['categories'])} categories ({', '.join(c['name'] for c in coco['categories'])})"
+          f"{len(coco['categories'])} categories "
+          f"({', '.join(c['name'] for c in coco['categories'])})"
           f"; wrote {rep['num_boxes']} boxes {rep['class_counts']} to {out}; "
           f"skipped {len(rep['degenerate'])} degenerate, {len(rep['unknown_class'])} unknown-class;"
           f" {rep['difficult']} difficult (iscrowd=1)")

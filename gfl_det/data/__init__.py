@@ -7,8 +7,8 @@ See the contract in each module's docstring; the main entry points:
 * :func:`build_transforms` -- keep-ratio resize (single or multi-scale), flip, colour.
 * :func:`collate` -- samples -> padded batch with a gt valid mask.
 * :class:`AspectRatioBatchSampler`, :func:`build_dataloader`.
-* :func:`make_synthetic_coco` -- the synthetic shapes dataset; :func:`voc_to_coco` / :func:`yolo_to_coco`
-  -- Pascal VOC XML / YOLO txt labels to COCO.
+* :func:`make_synthetic_coco` -- the synthetic shapes dataset.
+* :func:`voc_to_coco` / :func:`yolo_to_coco` -- Pascal VOC XML / YOLO txt labels to COCO.
 """
 
 from .coco import CocoDataset, to_sample

@@ -1,0 +1,198 @@
+"""Inference in three lines::
+
+    from gfl_det.apis import init_detector, inference_detector
+    model = init_detector('configs/gfl_r50.py', 'gfl_r50_fpn_1x_coco.pth', device='cuda')
+    result = inference_detector(model, 'demo.jpg')
+    # {'bboxes': (k, 4) float32 xyxy in the image's pixels, 'scores': (k,), 'labels': (k,) int64,
+    #  'class_names': [k names] (None when the checkpoint has no class names)}
+
+Checkpoints load with ``weights_only=True`` (MMDetection model-zoo files included); class names
+come from the checkpoint's meta (mmdet 3.x ``dataset_meta['classes']``, 2.x ``CLASSES``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import data as gdata
+
+__all__ = ['init_detector', 'inference_detector', 'draw_detections', 'build_test_transforms']
+
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+
+def _load_config(config: Any, cfg_options: Optional[dict] = None):
+    from mmengine.config import Config
+    if isinstance(config, (str, os.PathLike)):
+        cfg = Config.fromfile(os.fspath(config))
+    elif isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+    else:
+        raise TypeError(f'config must be a path or an mmengine Config, got {type(config).__name__}')
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def build_test_transforms(cfg) -> gdata.Compose:
+    """The test-time transforms of a config (``test_dataloader.dataset.pipeline``), or the
+    default 1333x800 keep-ratio resize when the config has none."""
+    from .mm import build_pipeline
+    pipeline = None
+    try:
+        pipeline = cfg.test_dataloader.dataset.pipeline
+    except AttributeError:
+        pass
+    return build_pipeline(pipeline) if pipeline else gdata.build_transforms(train=False)
+
+
+def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
+                  device: str = 'cpu', cfg_options: Optional[dict] = None,
+                  trusted: bool = False):
+    """Build the detector of ``config`` and load ``checkpoint`` (weights only).
+
+    Args:
+        config: config path or mmengine ``Config``.
+        checkpoint: a gfl_det or MMDetection checkpoint; None keeps the random init.
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...
+        cfg_options: config overrides, as ``--cfg-options``.
+        trusted: the checkpoint needs full unpickling and you trust its source (see
+            :func:`gfl_det.checkpoint.load_untrusted`).
+
+    Returns:
+        the model (a :class:`gfl_det.models.GFL`) in eval mode on ``device``, with ``.cfg``,
+        ``.class_names`` and ``.test_transforms``.
+    """
+    from .checkpoint import load_weights
+    from .mm import GFLDetector
+    cfg = _load_config(config, cfg_options)
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
+    if model_cfg.pop('type', 'GFL') != 'GFL':
+        raise ValueError('init_detector builds GFL models only')
+    model_cfg['backbone'] = dict(model_cfg['backbone'], init_cfg=None)  # no ImageNet download
+    model = GFLDetector(**model_cfg)
+    if checkpoint is not None:
+        meta = load_weights(model, checkpoint, strict=True, trusted=trusted)
+        if meta.get('classes'):
+            model.class_names = tuple(meta['classes'])
+    if model.class_names is None:
+        try:
+            classes = cfg.test_dataloader.dataset.metainfo.classes
+            model.class_names = tuple(classes)
+        except AttributeError:
+            pass
+    if model.class_names is not None and len(model.class_names) != model.num_classes:
+        raise ValueError(f'{len(model.class_names)} class names for a {model.num_classes}-class '
+                         f'model; check bbox_head.num_classes in the config')
+    model.cfg = cfg
+    model.test_transforms = build_test_transforms(cfg)
+    return model.to(device).eval()
+
+
+def _as_rgb(img: ImageLike, channel_order: str) -> tuple[np.ndarray, str]:
+    if isinstance(img, (str, os.PathLike)):
+        return gdata.load_image(img), os.path.basename(os.fspath(img))
+    if isinstance(img, np.ndarray):
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f'image arrays must be uint8 (H, W, 3), got {img.dtype} {img.shape}')
+        if channel_order == 'bgr':
+            img = img[:, :, ::-1]
+        elif channel_order != 'rgb':
+            raise ValueError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
+        return np.ascontiguousarray(img), ''
+    raise TypeError(f'expected an image path or a numpy array, got {type(img).__name__}')
+
+
+@torch.no_grad()
+def inference_detector(model, imgs: Union[ImageLike, Sequence[ImageLike]],
+                       channel_order: str = 'bgr', batch_size: int = 1
+                       ) -> Union[dict, list[dict]]:
+    """Detect objects in one image or a list of images.
+
+    Args:
+        model: from :func:`init_detector`.
+        imgs: a path, a uint8 (H, W, 3) array, or a list of them. Arrays are BGR by default
+            (what ``cv2.imread`` gives, as in MMDetection); pass ``channel_order='rgb'`` for RGB.
+        batch_size: images per forward pass.
+
+    Returns:
+        per image ``dict(bboxes=(k, 4) float32 xyxy in original-image pixels,
+        scores=(k,) float32, labels=(k,) int64, class_names=list of k names or None)``;
+        a single dict for a single image.
+    """
+    single = not isinstance(imgs, (list, tuple))
+    imgs = [imgs] if single else list(imgs)
+    transforms = getattr(model, 'test_transforms', None) or gdata.build_transforms(train=False)
+    names = getattr(model, 'class_names', None)
+    was_training = model.training
+    model.eval()
+    out: list[dict] = []
+    for start in range(0, len(imgs), batch_size):
+        samples = []
+        for i, img in enumerate(imgs[start:start + batch_size]):
+            rgb, name = _as_rgb(img, channel_order)
+            h, w = rgb.shape[:2]
+            results = {'image': rgb, 'boxes': np.zeros((0, 4), np.float32),
+                       'labels': np.zeros((0,), np.int64),
+                       'meta': {'img_id': start + i, 'file_name': name, 'ori_shape': (h, w),
+                                'img_shape': (h, w), 'scale_factor': (1.0, 1.0), 'flip': False}}
+            samples.append(gdata.to_sample(transforms(results)))
+        batch = gdata.collate(samples, size_divisor=32)
+        for p in model.test_step(batch):
+            labels = p['labels'].cpu().numpy().astype(np.int64)
+            out.append({'bboxes': p['bboxes'].float().cpu().numpy(),
+                        'scores': p['scores'].float().cpu().numpy(), 'labels': labels,
+                        'class_names': [names[j] for j in labels] if names else None})
+    model.train(was_training)
+    return out[0] if single else out
+
+
+def _color(label: int) -> tuple[int, int, int]:
+    """A distinct, stable RGB colour per class (golden-ratio hue steps)."""
+    import colorsys
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_detections(image: np.ndarray, result: dict, class_names: Optional[Sequence[str]] = None,
+                    score_thr: float = 0.3, thickness: int = 2) -> np.ndarray:
+    """A copy of the RGB uint8 ``image`` with the boxes of ``result`` (an
+    :func:`inference_detector` dict, or a model prediction) drawn above ``score_thr``, each
+    labelled ``'name 0.87'``."""
+    import cv2
+    img = np.ascontiguousarray(image.copy())
+
+    def arr(x):
+        return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    boxes, scores = arr(result['bboxes']).reshape(-1, 4), arr(result['scores']).reshape(-1)
+    labels = arr(result['labels']).reshape(-1).astype(np.int64)
+    font, fs = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(img.shape[:2]) / 900)
+    for i in np.argsort(scores):  # highest score drawn last (on top)
+        if scores[i] < score_thr:
+            continue
+        x1, y1, x2, y2 = (int(round(v)) for v in boxes[i])
+        lab = int(labels[i])
+        color = _color(lab)
+        cv2.rectangle(img, (x1, y1), (x2, y2), color, thickness)
+        name = class_names[lab] if class_names is not None and lab < len(class_names) else str(lab)
+        text = f'{name} {scores[i]:.2f}'
+        (tw, th), base = cv2.getTextSize(text, font, fs, 1)
+        ty = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1
+        cv2.rectangle(img, (x1, ty), (x1 + tw + 2, ty + th + base + 2), color, -1)
+        cv2.putText(img, text, (x1 + 1, ty + th + 1), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    return img
+
+
+def save_image(path: Union[str, os.PathLike], image_rgb: np.ndarray) -> str:
+    """Write an RGB image (PNG/JPEG by extension); returns the path."""
+    import cv2
+    path = os.fspath(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(path, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f'could not write {path}')
+    return path

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""COCO bbox evaluation of a checkpoint (pycocotools): the 12 COCO numbers and a per-class table.
+
+    python tools/test.py configs/gfl_r18_synthetic.py work_dirs/gfl_r18_synthetic/epoch_12.pth
+    python tools/test.py configs/gfl_r50.py gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth \
+        --out results.bbox.json --show-dir vis/
+
+Checkpoints load with ``weights_only=True``: gfl_det's own and MMDetection's model-zoo files
+both do; class names come from the checkpoint. A full training checkpoint from elsewhere that
+holds arbitrary objects needs --trust-checkpoint (only if you trust its source) or a one-time
+``python -m gfl_det.checkpoint convert IN OUT``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import Config, DictAction  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='COCO evaluation of a GFL checkpoint')
+    p.add_argument('config', help='config file')
+    p.add_argument('checkpoint', help='checkpoint (gfl_det or MMDetection)')
+    p.add_argument('--work-dir', help='where the log goes (default: work_dirs/<config name>)')
+    p.add_argument('--out', help='write the detections as a COCO results JSON '
+                                 '(e.g. results.bbox.json)')
+    p.add_argument('--show-dir', help='write every test image with its predictions drawn here')
+    p.add_argument('--score-thr', type=float, default=0.3, help='--show-dir: draw boxes scoring '
+                                                                'at least this')
+    p.add_argument('--trust-checkpoint', action='store_true',
+                   help='unpickle the checkpoint fully (weights_only=False): only for files '
+                        'from a source you trust')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                   help='override config keys, e.g. test_dataloader.batch_size=4')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def setup_cfg(args) -> Config:
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    cfg.load_from_trusted = bool(args.trust_checkpoint)
+    cfg.model.backbone.init_cfg = None  # the checkpoint has the weights: no ImageNet download
+    if args.out:
+        if not args.out.endswith('.json'):
+            raise SystemExit('--out must name a .json file (COCO results format)')
+        cfg.test_evaluator.outfile = args.out
+    if args.show_dir:
+        hooks = list(cfg.get('custom_hooks') or [])
+        hooks.append(dict(type='DrawPredictionsHook', out_dir=args.show_dir,
+                          score_thr=args.score_thr))
+        cfg.custom_hooks = hooks
+    import torch
+    if not torch.cuda.is_available():
+        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = setup_cfg(args)
+    from gfl_det.mm import GFLRunner
+    runner = GFLRunner.from_cfg(cfg)
+    metrics = runner.test()
+    if runner.rank == 0 and metrics:
+        runner.logger.info('test: ' + '  '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

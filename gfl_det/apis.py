@@ -182,9 +182,10 @@ def draw_detections(image: np.ndarray, result: dict, class_names: Optional[Seque
         name = class_names[lab] if class_names is not None and lab < len(class_names) else str(lab)
         text = f'{name} {scores[i]:.2f}'
         (tw, th), base = cv2.getTextSize(text, font, fs, 1)
-        ty = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1
-        cv2.rectangle(img, (x1, ty), (x1 + tw + 2, ty + th + base + 2), color, -1)
-        cv2.putText(img, text, (x1 + 1, ty + th + 1), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+        ty = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1  # above the box, else inside
+        tx = max(0, min(x1, img.shape[1] - tw - 2))  # keep the label inside the picture
+        cv2.rectangle(img, (tx, ty), (tx + tw + 2, ty + th + base + 2), color, -1)
+        cv2.putText(img, text, (tx + 1, ty + th + 1), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
     return img
 
 

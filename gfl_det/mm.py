@@ -16,7 +16,7 @@ config ``type=``            what it builds
 ``'CocoDataset'``           :class:`CocoDetDataset` -- mmdet keys (data_root, ann_file,
                             data_prefix, filter_cfg, pipeline) -> :class:`gfl_det.data.CocoDataset`
 ``'SyntheticCocoDataset'``  the same, writing the synthetic shapes set first when it is missing
-``'AspectRatioBatchSampler'``  :class:`gfl_det.data.AspectRatioBatchSampler`
+``'AspectRatioBatchSampler'``  :class:`AspectRatioBatchSampler` (equal batch counts on every rank)
 ``'gfl_collate'``           :func:`gfl_det.data.collate` (``collate_fn=dict(type='gfl_collate')``)
 ``'Resize'``, ``'RandomResize'``, ``'RandomFlip'``, ``'PhotoMetricDistortion'``,
 ``'LoadImageFromFile'``, ``'LoadAnnotations'``, ``'PackDetInputs'``: pipeline steps
@@ -46,6 +46,7 @@ Checkpoint policy (torch >= 2.6 loads with ``weights_only=True`` by default, whi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import os.path as osp
@@ -306,7 +307,39 @@ def build_pipeline(pipeline: Sequence[dict] | None) -> gdata.Compose:
 
 
 FUNCTIONS.register_module(name='gfl_collate', module=gdata.collate)
-DATA_SAMPLERS.register_module(name='AspectRatioBatchSampler', module=gdata.AspectRatioBatchSampler)
+
+
+@DATA_SAMPLERS.register_module(name='AspectRatioBatchSampler')
+class AspectRatioBatchSampler(gdata.AspectRatioBatchSampler):
+    """:class:`gfl_det.data.AspectRatioBatchSampler` with MMDetection's end-of-epoch rule: the
+    two orientation buckets' remainders are merged into (at most one) mixed batch.
+
+    Why: every rank of a distributed run must make the same number of steps per epoch (DDP's
+    all-reduce otherwise waits forever at the end of the epoch). Emitting each bucket's
+    remainder separately makes the count depend on the orientation mix of each rank's share;
+    merging makes it exactly ``ceil(n / batch_size)`` (``floor`` with ``drop_last``) on every
+    rank, and ``len()`` exact.
+    """
+
+    def __iter__(self):
+        buckets: list[list[int]] = [[], []]
+        for idx in self.sampler:
+            bucket = buckets[self.flags[idx]]
+            bucket.append(int(idx))
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                del bucket[:]
+        left = buckets[0] + buckets[1]
+        while left:
+            if len(left) < self.batch_size and self.drop_last:
+                break
+            yield left[:self.batch_size]
+            left = left[self.batch_size:]
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
 
 
 @DATASETS.register_module(name='CocoDataset')
@@ -512,15 +545,11 @@ class AmpOptimWrapper(OptimWrapper):
             self.loss_scaler.load_state_dict(scaler)
         super().load_state_dict(state_dict)
 
+    @contextlib.contextmanager
     def optim_context(self, model: torch.nn.Module):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            with super(AmpOptimWrapper, self).optim_context(model), \
-                    torch.autocast(device_type=self.device_type, dtype=self.cast_dtype):
-                yield
-        return ctx()
+        with super().optim_context(model), \
+                torch.autocast(device_type=self.device_type, dtype=self.cast_dtype):
+            yield
 
 
 @HOOKS.register_module()
@@ -667,6 +696,22 @@ class GFLRunner(Runner):
 
     _trusted_load = False
 
+    # ------------------------------------------------------------------ CPU multi-process
+    def setup_env(self, env_cfg: dict) -> None:
+        """mmengine's pytorch launcher calls ``torch.cuda.set_device``; without CUDA we start the
+        process group ourselves (gloo), so that torchrun also works on CPU-only machines."""
+        import torch.distributed as tdist
+        if (self.distributed and self.launcher == 'pytorch' and not torch.cuda.is_available()
+                and not tdist.is_initialized()):
+            tdist.init_process_group(backend='gloo')
+        super().setup_env(env_cfg)
+
+    def wrap_model(self, model_wrapper_cfg: Optional[dict], model: torch.nn.Module) -> Any:
+        if self.distributed and not torch.cuda.is_available() and model_wrapper_cfg is None:
+            # DDP over CPU processes takes no device_ids (mmengine passes LOCAL_RANK)
+            model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None)
+        return super().wrap_model(model_wrapper_cfg, model)
+
     # ------------------------------------------------------------------ data
     @staticmethod
     def build_dataloader(dataloader: Any, seed: Optional[int] = None,
@@ -727,8 +772,10 @@ class GFLRunner(Runner):
     def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
                         revise_keys: list = [(r'^module.', '')]) -> dict:  # noqa: B006 (mmengine's)
         """Weights into the model. Untrusted (``weights_only=True``) unless called by
-        :meth:`resume` or the config says ``load_from_trusted = True``; non-strict for ``load_from`` (fine-tuning: keys that do not fit are
-        reported and skipped), strict for resume. Sets ``model.class_names`` from the meta."""
+        :meth:`resume` or the config says ``load_from_trusted = True``. Non-strict for
+        ``load_from`` (fine-tuning: keys that do not fit are reported and skipped) unless the
+        config says ``load_from_strict = True`` (tools/test.py); strict for resume. Sets
+        ``model.class_names`` from the checkpoint's meta."""
         path = _local_checkpoint(str(filename))
         # resume, or the user vouched for load_from (tools/test.py --trust-checkpoint)
         trusted = self._trusted_load or bool(self.cfg.get('load_from_trusted', False))
@@ -737,14 +784,28 @@ class GFLRunner(Runner):
             checkpoint['message_hub'] = decode_message_hub(checkpoint['message_hub'])
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         model = self.model.module if is_model_wrapper(self.model) else self.model
-        meta = load_weights(model, checkpoint, strict=strict or self._trusted_load,
-                            logger=self.logger)
+        strict = strict or self._trusted_load or bool(self.cfg.get('load_from_strict', False))
+        meta = load_weights(model, checkpoint, strict=strict, logger=self.logger)
         if meta.get('classes') and hasattr(model, 'class_names'):
             model.class_names = tuple(meta['classes'])
+            self._check_classes(model.class_names)
         self._has_loaded = True
         self.logger.info(f'Loaded {"trusted (resume)" if trusted else "weights-only"} checkpoint '
                          f'{filename}')
         return checkpoint
+
+    def _check_classes(self, classes: tuple) -> None:
+        """Warn when the checkpoint's class names differ from the dataset's (labels would be
+        mapped to the wrong categories)."""
+        for loop in (self._test_loop, self._val_loop, self._train_loop):
+            dataset = getattr(getattr(loop, 'dataloader', None), 'dataset', None)
+            names = getattr(dataset, 'classes', None)
+            if names is not None:
+                if tuple(names) != tuple(classes):
+                    self.logger.warning(f'the checkpoint\'s classes {tuple(classes)} differ from the '
+                                        f'dataset\'s {tuple(names)}: label i is evaluated as the '
+                                        f'dataset\'s class i')
+                return
 
     def resume(self, filename: str, resume_optimizer: bool = True,
                resume_param_scheduler: bool = True, map_location: Any = 'default') -> None:

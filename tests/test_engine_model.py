@@ -126,3 +126,19 @@ def test_load_from_is_untrusted_unless_vouched_for(tmp_path):
     runner.cfg.load_from_trusted = True
     runner.load_checkpoint(str(bad))
     assert runner.model.class_names == ('a', 'b', 'c', 'd')
+
+
+def test_aspect_ratio_batch_sampler_counts_are_equal_on_every_rank():
+    """Each rank's share of indices gives exactly ceil(n / batch_size) batches whatever its
+    orientation mix (DDP needs the same number of steps on every rank), every index once."""
+    flags = np.array([0, 1] * 20, np.uint8)
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 7, 8, 13):
+        for _ in range(5):
+            share = rng.permutation(len(flags))[:n].tolist()
+            s = mm.AspectRatioBatchSampler(share, batch_size=4, aspect_flags=flags)
+            batches = list(s)
+            assert len(batches) == len(s) == -(-n // 4)
+            assert sorted(i for b in batches for i in b) == sorted(share)
+            dl = mm.AspectRatioBatchSampler(share, batch_size=4, drop_last=True, aspect_flags=flags)
+            assert len(list(dl)) == len(dl) == n // 4

@@ -57,6 +57,7 @@ def setup_cfg(args) -> Config:
     cfg.load_from = args.checkpoint
     cfg.resume = False
     cfg.load_from_trusted = bool(args.trust_checkpoint)
+    cfg.load_from_strict = True  # evaluate the checkpoint as it is, or fail saying what differs
     cfg.model.backbone.init_cfg = None  # the checkpoint has the weights: no ImageNet download
     if args.out:
         if not args.out.endswith('.json'):

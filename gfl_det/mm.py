@@ -34,7 +34,7 @@ Checkpoint policy (torch >= 2.6 loads with ``weights_only=True`` by default, whi
 
 * :meth:`GFLRunner.save_checkpoint` writes with :func:`gfl_det.checkpoint.atomic_save` (a kill
   never leaves a half-written ``epoch_N.pth``) and stores only plain data: mmengine's MessageHub
-  (``HistoryBuffer`` objects, numpy values) is encoded as dicts, lists and tensors. So every file
+  (``HistoryBuffer`` objects, numpy values) is encoded as plain dicts and lists. So every file
   our runner writes also loads with ``weights_only=True`` -- in tools/test.py, tools/demo.py,
   ``load_from`` and in MMDetection itself.
 * :meth:`GFLRunner.resume` (``--resume``) loads our own work_dir checkpoints as TRUSTED
@@ -79,9 +79,9 @@ from .evaluation import METRIC_NAMES, CocoEvaluator
 from .models import GFL, build_detector
 
 __all__ = ['SCOPE', 'GFLDetector', 'GFLDataPreprocessor', 'CocoDetDataset', 'SyntheticCocoDataset',
-           'build_pipeline', 'CocoMetric', 'OptimWrapper', 'AmpOptimWrapper',
+           'AspectRatioBatchSampler', 'build_pipeline', 'CocoMetric', 'OptimWrapper', 'AmpOptimWrapper',
            'DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'GFLRunner', 'encode_message_hub',
-           'decode_message_hub']
+           'decode_message_hub', 'register_all_modules']
 
 SCOPE = 'gfl_det'
 _LOC = ['gfl_det.mm']
@@ -312,7 +312,8 @@ FUNCTIONS.register_module(name='gfl_collate', module=gdata.collate)
 @DATA_SAMPLERS.register_module(name='AspectRatioBatchSampler')
 class AspectRatioBatchSampler(gdata.AspectRatioBatchSampler):
     """:class:`gfl_det.data.AspectRatioBatchSampler` with MMDetection's end-of-epoch rule: the
-    two orientation buckets' remainders are merged into (at most one) mixed batch.
+    two orientation buckets' remainders are put together and cut into batches (one of them
+    may then mix orientations).
 
     Why: every rank of a distributed run must make the same number of steps per epoch (DDP's
     all-reduce otherwise waits forever at the end of the epoch). Emitting each bucket's

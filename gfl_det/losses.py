@@ -26,48 +26,80 @@ def qfl_negative(logits: Tensor, beta: float = 2.0) -> Tensor:
     return F.softplus(logits) * mod
 
 
-class _QFLNegativeSum(torch.autograd.Function):
-    """sum_{b,a} valid[b,a] * sum_c softplus(x) * sigmoid(x)^2, in cache-sized chunks.
+class _QFLSum(torch.autograd.Function):
+    """Total QFL (beta 2) of dense logits with sparse positives, and its gradient, in one pass.
 
-    Dense over every prior and class, so it is the largest elementwise cost of the loss;
-    fusing forward and backward (d/dx = s^2 (s + 2 (1 - s) softplus(x)), s = sigmoid(x)) in
-    chunks that stay in cache is ~2x faster on CPU than autograd over the separate ops, and
-    keeps no (B, A, C) intermediates alive between forward and backward.
+    sum_{b,a} valid[b,a] * sum_c QFL(x, 0)  +  sum_n w_n * (QFL(x_n, q_n) - QFL(x_n, 0)),
+    where x_n = logits.view(-1)[pos_index[n]] are the positives' logits at their class.
+
+    The dense negative term over every prior and class is the largest elementwise cost of the
+    loss. One pass over the logits in chunks that stay in cache computes it and, when a
+    gradient is wanted, its gradient d/dx QFL(x, 0) = s^2 (s + 2 (1 - s) softplus(x))
+    (s = sigmoid(x)) times the valid weight; the positives' corrections (a few thousand
+    elements) are added into that buffer with ``index_add_``; backward is then one multiply by
+    the incoming scalar. Autograd over the separate ops keeps several (B, A, C) intermediates
+    and does a dense zero-fill + scatter for the positives' gather: this is ~4x faster on CPU.
+
+    In the dense pass sigmoid and softplus come from one exp of -|x|: with e = exp(-|x|) and
+    d = 1 + e, softplus(x) = max(x, 0) + log(d), sigmoid(x) = exp(min(x, 0)) / d. ``log(d)``
+    instead of ``log1p(e)`` (not vectorised on CPU, ~7x slower) is off by at most 1.2e-7
+    absolute in softplus, always multiplied by s^2 here (at x < -16, where log(d) rounds to 0,
+    s^2 < 1e-13), so no loss or gradient changes measurably. The positives use the exact ops.
     """
 
     CHUNK = 1 << 16  # elements per chunk
 
     @staticmethod
-    def forward(ctx, logits: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, valid: Tensor, pos_index: Tensor, pos_target: Tensor,
+                pos_weight: Tensor) -> Tensor:
         x = logits.reshape(-1, logits.shape[-1])
-        w = weight.reshape(-1).to(x.dtype)
-        rows = max(1, _QFLNegativeSum.CHUNK // max(1, x.shape[1]))
+        w = valid.reshape(-1).to(x.dtype)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(x) if want_grad else None
+        rows = max(1, _QFLSum.CHUNK // max(1, x.shape[1]))
         total = x.new_zeros(())
         for i in range(0, x.shape[0], rows):
-            xc = x[i:i + rows]
-            sc = torch.sigmoid(xc)
-            total = total + ((F.softplus(xc) * sc * sc).sum(1) * w[i:i + rows]).sum()
-        ctx.save_for_backward(logits, weight)
+            xc, wc = x[i:i + rows], w[i:i + rows]
+            d = torch.exp(xc.abs().neg_()).add_(1)
+            sp = torch.log(d).add_(xc.clamp_min(0))
+            s = torch.exp(xc.clamp_max(0)).div_(d)
+            s2 = s * s
+            total = total + torch.dot((sp * s2).sum(1), wc)
+            if want_grad:
+                torch.mul(s.neg().add_(1).mul_(sp).mul_(2).add_(s).mul_(s2), wc[:, None], out=grad[i:i + rows])
+        # positives: QFL(x, q) - QFL(x, 0) = (sp - q x) (q - s)^2 - sp s^2, exact ops
+        xp = x.view(-1)[pos_index]
+        q, pw = pos_target.to(x.dtype), pos_weight.to(x.dtype)
+        sp, s = F.softplus(xp), torch.sigmoid(xp)
+        bce = sp - q * xp
+        total = total + torch.dot(bce * (q - s) ** 2 - sp * s * s, pw)
+        if want_grad:
+            gp = (s - q) ** 3 + 2 * bce * (s - q) * s * (1 - s) - s * s * (s + 2 * (1 - s) * sp)
+            grad.view(-1).index_add_(0, pos_index, gp * pw)
+        ctx.grad, ctx.logits_shape = grad, logits.shape
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        logits, weight = ctx.saved_tensors
-        x = logits.reshape(-1, logits.shape[-1])
-        w = weight.reshape(-1).to(x.dtype)
-        grad = torch.empty_like(x)
-        rows = max(1, _QFLNegativeSum.CHUNK // max(1, x.shape[1]))
-        for i in range(0, x.shape[0], rows):
-            xc = x[i:i + rows]
-            sc = torch.sigmoid(xc)
-            g = sc * sc * (sc + 2 * (1 - sc) * F.softplus(xc))
-            grad[i:i + rows] = g * (w[i:i + rows] * grad_out)[:, None]
-        return grad.view_as(logits), None
+        return (ctx.grad * grad_out).view(ctx.logits_shape), None, None, None, None
 
 
-def qfl_negative_sum(logits: Tensor, weight: Tensor) -> Tensor:
-    """Weighted sum of ``qfl_negative(logits)`` (beta 2): logits (..., C), weight (...) -> scalar."""
-    return _QFLNegativeSum.apply(logits, weight)
+def qfl_sum(logits: Tensor, valid: Tensor, pos_index: Tensor, pos_target: Tensor, pos_weight: Tensor,
+            beta: float = 2.0) -> Tensor:
+    """Total Quality Focal Loss of dense logits (..., C) whose targets are 0 except at a few positives.
+
+    valid (...) weights every prior's dense negative term; ``pos_index`` indexes the positives'
+    elements in ``logits.view(-1)`` (prior x class), with IoU targets ``pos_target`` and weights
+    ``pos_weight`` (0 for slots that are not positives). Equals
+    ``(quality_focal_loss(logits, T).sum(-1) * valid).sum()`` for the dense target T when every
+    positive is valid. beta 2 runs the fused pass; any other beta the same sum through autograd.
+    """
+    if beta == 2.0:
+        return _QFLSum.apply(logits, valid, pos_index, pos_target, pos_weight)
+    xp = logits.reshape(-1)[pos_index]
+    pos = (quality_focal_loss(xp, pos_target.to(xp.dtype), beta) - qfl_negative(xp, beta)) * pos_weight
+    return (qfl_negative(logits, beta).sum(-1) * valid.to(logits.dtype)).sum() + pos.sum()
 
 
 def quality_focal_loss(logits: Tensor, target: Tensor, beta: float = 2.0) -> Tensor:

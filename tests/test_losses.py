@@ -97,21 +97,57 @@ def test_distance_roundtrip_and_clip():
     assert clipped[0].tolist() == [0.0, 0.0, 40.0, 21.0]
 
 
-def test_fused_negative_qfl_sum_matches_autograd():
-    from gfl_det.losses import _QFLNegativeSum, qfl_negative_sum
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(2, 300, 7, generator=g) * 6).double().requires_grad_()
-    w = torch.rand(2, 300, generator=g) > 0.2
-    old = _QFLNegativeSum.CHUNK
-    _QFLNegativeSum.CHUNK = 100  # several chunks, one partial
+def _qfl_case(dtype, seed=0):
+    """Dense logits, a valid mask, positives at (prior, class) with IoU targets, plus slots that
+    are not positives (weight 0, some pointing at the same prior as a positive), as the loss has."""
+    g = torch.Generator().manual_seed(seed)
+    B, A, C = 2, 300, 7
+    x = (torch.randn(B, A, C, generator=g) * 6).to(dtype).requires_grad_()
+    valid = torch.rand(B, A, generator=g) > 0.2
+    prior = torch.randperm(B * A, generator=g)[:40]
+    prior = prior[valid.view(-1)[prior]]  # positives are valid priors
+    n = len(prior)
+    label = torch.randint(0, C, (n,), generator=g)
+    q = torch.rand(n, generator=g).to(dtype)
+    dense_t = torch.zeros(B * A, C, dtype=dtype)
+    dense_t[prior, label] = q
+    # slots: every positive once (weight 1) + the same priors again at other classes (weight 0)
+    idx = torch.cat([prior * C + label, prior * C + (label + 1) % C])
+    tgt = torch.cat([q, torch.rand(n, generator=g).to(dtype)])
+    wt = torch.cat([torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)])
+    return x, valid, idx, tgt, wt, dense_t.view(B, A, C)
+
+
+@pytest.mark.parametrize("beta", [2.0, 1.5])
+def test_fused_qfl_sum_matches_dense_autograd(beta):
+    from gfl_det.losses import _QFLSum, qfl_sum
+    x, valid, idx, tgt, wt, dense_t = _qfl_case(torch.float64)
+    old = _QFLSum.CHUNK
+    _QFLSum.CHUNK = 100  # several chunks, one partial
     try:
-        fused = qfl_negative_sum(x, w)
+        fused = qfl_sum(x, valid, idx, tgt, wt, beta)
         (gf,) = torch.autograd.grad(fused * 3.0, x)
     finally:
-        _QFLNegativeSum.CHUNK = old
-    ref = (qfl_negative(x).sum(-1) * w).sum()
+        _QFLSum.CHUNK = old
+    ref = (quality_focal_loss(x, dense_t, beta).sum(-1) * valid).sum()
     (gr,) = torch.autograd.grad(ref * 3.0, x)
     assert torch.allclose(fused, ref, rtol=1e-12)
     # (autograd takes d softplus = 1 above its threshold 20, sigmoid(20) = 1 - 2e-9: hence rtol 1e-7)
     assert torch.allclose(gf, gr, rtol=1e-7, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t: qfl_negative_sum(t, w[:1, :5]), (x[:1, :5].detach().requires_grad_(),))
+    if beta == 2.0:
+        sub = (x[:1, :5].detach().requires_grad_(),)
+        keep = idx < 5 * 7  # positives inside the sub-tensor
+        assert torch.autograd.gradcheck(lambda t: qfl_sum(t, valid[:1, :5], idx[keep], tgt[keep], wt[keep]), sub)
+
+
+def test_fused_qfl_sum_float32_close_to_float64():
+    """The dense pass's log(1 + e) shortcut keeps float32 as close to the exact value as autograd's ops."""
+    from gfl_det.losses import qfl_sum
+    x, valid, idx, tgt, wt, dense_t = _qfl_case(torch.float32, seed=1)
+    x64 = x.detach().double().requires_grad_()
+    exact = (quality_focal_loss(x64, dense_t.double()).sum(-1) * valid).sum()
+    (g64,) = torch.autograd.grad(exact, x64)
+    fused = qfl_sum(x, valid, idx, tgt, wt)
+    (g32,) = torch.autograd.grad(fused, x)
+    assert abs(fused.item() - exact.item()) <= 1e-6 * exact.item()
+    assert torch.allclose(g32.double(), g64, rtol=1e-5, atol=1e-7)

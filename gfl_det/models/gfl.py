@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..assigner import Assignment, atss_assign
 from ..boxes import bbox2distance, distance2bbox, aligned_iou
-from ..losses import distribution_focal_loss, giou_loss, qfl_negative, qfl_negative_sum, quality_focal_loss
+from ..losses import distribution_focal_loss, giou_loss, qfl_sum
 from ..postprocess import flatten_cls, flatten_reg, gfl_predict, integral
 from ..priors import Priors, make_priors
 from .backbone import ResNet
@@ -119,19 +119,13 @@ class GFL(nn.Module):
         gt_boxes = torch.where(gt_valid[..., None], gt_boxes.float(), gt_boxes.new_zeros(()).float())
         labels = torch.where(gt_valid, gt_labels, torch.zeros_like(gt_labels))
 
-        # dense negative QFL term over every valid prior and class
-        if self.beta == 2.0:
-            loss_cls_sum = qfl_negative_sum(cls, valid)  # fused, chunked
-        else:
-            loss_cls_sum = (qfl_negative(cls, self.beta).sum(-1) * valid.to(cls.dtype)).sum()
-
-        # positive terms on candidate slots
+        # positives live on candidate slots (B, G, K): rows of the flattened (B * A) priors
         pos = asg.pos  # (B, G, K)
         posf = pos.to(cls.dtype)
         idx = asg.cand_idx
-        bi = torch.arange(B, device=cls.device)[:, None, None]
-        cls_slot = cls[bi, idx]  # (B, G, K, C)
-        reg_slot = reg[bi, idx]  # (B, G, K, 4, R+1)
+        A, K = cls.shape[1], idx.shape[2]
+        rows = (torch.arange(B, device=cls.device)[:, None, None] * A + idx).view(-1)
+        reg_slot = reg.reshape(B * A, 4, R + 1).index_select(0, rows).view(B, G, K, 4, R + 1)
         stride = priors.strides[idx][..., None]  # (B, G, K, 1)
         centre = priors.points[idx] / stride
         dist = integral(reg_slot, self.bbox_head.integral.project)  # (B, G, K, 4)
@@ -139,10 +133,11 @@ class GFL(nn.Module):
         tgt_box = gt_boxes[:, :, None, :] / stride
         with torch.no_grad():
             q = aligned_iou(pred_box.detach(), tgt_box)  # QFL quality target
-            w = cls_slot.detach().amax(-1).sigmoid() * posf  # (B, G, K)
-        x_pos = cls_slot.gather(-1, labels[:, :, None, None].expand(B, G, pos.shape[2], 1)).squeeze(-1)
-        pos_term = quality_focal_loss(x_pos, q, self.beta) - qfl_negative(x_pos, self.beta)
-        loss_cls_sum = loss_cls_sum + (pos_term * posf).sum()
+            w = cls.detach().reshape(B * A, C).index_select(0, rows).amax(-1).sigmoid().view(B, G, K) * posf
+
+        # QFL: dense negatives over every valid prior and class + the positives at their class
+        pos_elem = rows.view(B, G, K) * C + labels[:, :, None]  # index into cls.view(-1)
+        loss_cls_sum = qfl_sum(cls, valid, pos_elem.view(-1), q.view(-1), posf.view(-1), self.beta)
         qfl_avg = pos.flatten(1).sum(1).clamp(min=1).sum().to(cls.dtype)  # a tensor: no host sync
 
         w_sum = w.sum()

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .host import host_tensor
+
 
 @dataclass
 class Priors:
@@ -45,8 +47,8 @@ class Priors:
 
     def valid_rows_cols(self, pad_shapes: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L) number of valid rows and columns of every level for every image."""
-        s = torch.tensor(self.level_strides, device=pad_shapes.device, dtype=torch.long)
-        hw = torch.tensor(self.level_sizes, device=pad_shapes.device, dtype=torch.long)  # (L, 2)
+        s = host_tensor(self.level_strides, pad_shapes.device, torch.long)
+        hw = host_tensor(self.level_sizes, pad_shapes.device, torch.long)  # (L, 2)
         ps = pad_shapes.long()
         rows = torch.minimum((ps[:, 0:1] + s - 1) // s, hw[:, 0])
         cols = torch.minimum((ps[:, 1:2] + s - 1) // s, hw[:, 1])

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..assigner import Assignment, atss_assign
 from ..boxes import bbox2distance, distance2bbox, aligned_iou
+from ..host import host_tensor
 from ..losses import distribution_focal_loss, giou_loss, qfl_sum
 from ..postprocess import flatten_cls, flatten_reg, gfl_predict, integral
 from ..priors import Priors, make_priors
@@ -68,10 +69,11 @@ class GFL(nn.Module):
         """
         x = (inputs.to(self.pixel_mean.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
         B, _, H, W = x.shape
-        hw = torch.tensor([m["img_shape"][:2] for m in metas], device=x.device)
-        if bool((hw[:, 0] < H).any() or (hw[:, 1] < W).any()):
-            rows = torch.arange(H, device=x.device)[None, :, None] < hw[:, 0, None, None]
-            cols = torch.arange(W, device=x.device)[None, None, :] < hw[:, 1, None, None]
+        hw = [tuple(m["img_shape"][:2]) for m in metas]
+        if any(h < H or w < W for h, w in hw):  # decided from the metas: no host sync
+            hw_t = host_tensor(hw, x.device)
+            rows = torch.arange(H, device=x.device)[None, :, None] < hw_t[:, 0, None, None]
+            cols = torch.arange(W, device=x.device)[None, None, :] < hw_t[:, 1, None, None]
             x = x * (rows & cols)[:, None].to(x.dtype)
         return x
 
@@ -91,7 +93,7 @@ class GFL(nn.Module):
     def assign(self, cls_scores: list[Tensor], gt_boxes: Tensor, gt_valid: Tensor,
                metas: Sequence[dict]) -> tuple[Priors, Tensor, Assignment]:
         priors = self.priors_for(cls_scores)
-        pad = torch.tensor([m["pad_shape"][:2] for m in metas], device=gt_boxes.device)
+        pad = host_tensor([m["pad_shape"][:2] for m in metas], gt_boxes.device)
         valid = priors.valid_mask(pad)  # (B, A)
         asg = atss_assign(priors, gt_boxes.float(), gt_valid, pad, topk=self.train_cfg["assigner"].get("topk", 9),
                           octave_base_scale=self.octave_base_scale)
@@ -187,7 +189,7 @@ class GFL(nn.Module):
         priors = self.priors_for(cls_scores)
         pts = priors.points.split(priors.num_level)
         dev = cls_scores[0].device
-        img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=dev, dtype=torch.float32)
+        img_shapes = host_tensor([m["img_shape"][:2] for m in metas], dev, torch.float32)
         sf = torch.tensor([m["scale_factor"][:2] for m in metas], dtype=torch.float64) if rescale else None
         cfg = self.test_cfg
         return gfl_predict(cls_scores, bbox_preds, list(pts), list(self.bbox_head.strides), img_shapes, sf,

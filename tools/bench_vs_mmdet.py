@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile inference row")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     bench = SHARED / "mmdet_ref" / "bench_cpu.py"
@@ -59,6 +60,11 @@ def main(argv=None):
     t = ours(args.config, "--task", "infer", "--batch", "1", "--shape", "800", "1216", "--iters", r, "--warmup", "1",
              threads=args.threads)
     rows.append(("inference incl. NMS, 1 x 800x1216", t["median_s"], mm["predict_s"]))
+    if not args.skip_compile:
+        t = ours(args.config, "--task", "infer", "--compile", "--batch", "1", "--shape", "800", "1216", "--iters", r,
+                 "--warmup", "2", threads=args.threads)
+        rows.append(("inference, `--compile` (after ~%.0f s compiling once)" % t["warmup_s"], t["median_s"],
+                     mm["predict_s"]))
     if args.markdown:
         print(f"| CPU, {args.threads} threads | gfl_det s | MMDetection s | ratio |\n|---|---:|---:|---:|")
         for name, a, b in rows:

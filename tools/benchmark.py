@@ -42,7 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--amp", nargs="?", const="auto", default=None, choices=["auto", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on CPU, bf16 on CUDA when supported)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone, neck and head")
+    p.add_argument("--compile", action="store_true",
+                   help="infer: compile_for_inference (BN folded, inductor freezing, dynamic shapes, as "
+                        "tools/test.py --compile); train/loss: torch.compile of backbone, neck and head. "
+                        "The compilation falls in the warm-up (reported as warmup_s)")
     p.add_argument("--no-fuse", action="store_true", help="infer: keep BN separate (default folds it into convs)")
     p.add_argument("--checkpoint", help="weights to load (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -110,14 +113,17 @@ def run(args) -> dict:
         load_weights(model, args.checkpoint)
     elif args.task != "train":
         realistic_head_init_(model, g)
-    if args.task == "infer" and not args.no_fuse:
-        from gfl_det.models import fuse_for_inference
-        fuse_for_inference(model)
     model.to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.compile:
+    if args.task == "infer":
+        from gfl_det.models import compile_for_inference, fuse_for_inference
+        if args.compile:  # what tools/test.py --compile and init_detector(compile=True) do
+            compile_for_inference(model)
+        elif not args.no_fuse:
+            fuse_for_inference(model)
+    elif args.compile:
         model.backbone = torch.compile(model.backbone)
         model.neck = torch.compile(model.neck)
         model.bbox_head = torch.compile(model.bbox_head)
@@ -170,9 +176,11 @@ def run(args) -> dict:
             losses = model.loss_by_feat(cls, reg, *gt, metas)
             sum(losses.values()).backward()
 
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
     sync(device)
+    warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
@@ -182,8 +190,8 @@ def run(args) -> dict:
     med = statistics.median(times)
     res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
-               compile=args.compile, fused_bn=args.task == "infer" and not args.no_fuse, threads=torch.get_num_threads(), torch=torch.__version__,
-               iters=args.iters, median_s=med, min_s=min(times), max_s=max(times),
+               compile=args.compile, fused_bn=args.task == "infer" and (args.compile or not args.no_fuse), threads=torch.get_num_threads(), torch=torch.__version__,
+               iters=args.iters, warmup_s=round(warmup_s, 3), median_s=med, min_s=min(times), max_s=max(times),
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)

@@ -28,6 +28,11 @@ def parse_args(argv=None):
     p.add_argument('--device', default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda if "
                                                    'available)')
     p.add_argument('--score-thr', type=float, default=0.3, help='draw boxes scoring at least this')
+    p.add_argument('--fuse-conv-bn', action='store_true',
+                   help='fold the backbone BatchNorms into its convs (same detections, a little faster)')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the network (implies --fuse-conv-bn): ~20 s once, then faster; '
+                        'worth it for a folder of images')
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='the checkpoint is a full training checkpoint from a source you trust '
                         '(unpickled with weights_only=False)')
@@ -61,7 +66,8 @@ def main(argv=None) -> int:
         DictAction(option_strings=[], dest='o')(None, ns, args.cfg_options)
         cfg_options = ns.o
     model = init_detector(args.config, args.checkpoint, device=device, cfg_options=cfg_options,
-                          trusted=args.trust_checkpoint)
+                          trusted=args.trust_checkpoint, fuse_conv_bn=args.fuse_conv_bn,
+                          compile=args.compile)
     for path in list_images(args.inputs):
         img = load_image(path)
         res = inference_detector(model, img, channel_order='rgb')

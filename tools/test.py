@@ -32,6 +32,11 @@ def parse_args(argv=None):
     p.add_argument('--show-dir', help='write every test image with its predictions drawn here')
     p.add_argument('--score-thr', type=float, default=0.3, help='--show-dir: draw boxes scoring '
                                                                 'at least this')
+    p.add_argument('--fuse-conv-bn', action='store_true',
+                   help='fold the backbone BatchNorms into its convs (same results, a little faster)')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile backbone + neck + head (implies --fuse-conv-bn): ~20 s to '
+                        'compile once, then faster on every image (see README, Speed)')
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='unpickle the checkpoint fully (weights_only=False): only for files '
                         'from a source you trust')
@@ -79,6 +84,9 @@ def main(argv=None) -> int:
     cfg = setup_cfg(args)
     from gfl_det.mm import GFLRunner
     runner = GFLRunner.from_cfg(cfg)
+    if args.fuse_conv_bn or args.compile:
+        from gfl_det.apis import optimize_for_inference_hook
+        runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile))
     metrics = runner.test()
     if runner.rank == 0 and metrics:
         runner.logger.info('test: ' + '  '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))

@@ -1,8 +1,8 @@
 """Plain-PyTorch GFL detector (no mmengine import)."""
 from .backbone import ResNet, load_pretrained_backbone
 from .fpn import FPN
-from .fuse import fuse_for_inference
+from .fuse import compile_for_inference, fuse_for_inference
 from .gfl import GFL, build_detector
 from .gfl_head import GFLHead
 
-__all__ = ["ResNet", "FPN", "GFLHead", "GFL", "build_detector", "load_pretrained_backbone", "fuse_for_inference"]
+__all__ = ["ResNet", "FPN", "GFLHead", "GFL", "build_detector", "load_pretrained_backbone", "fuse_for_inference", "compile_for_inference"]

@@ -181,7 +181,8 @@ class GFL(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, x: Tensor, metas: Sequence[dict], rescale: bool = True) -> list[dict[str, Tensor]]:
-        cls_scores, bbox_preds = self(x)
+        compiled = self.__dict__.get("compiled_features")  # set by compile_for_inference
+        cls_scores, bbox_preds = compiled(x) if compiled is not None else self(x)
         return self.predict_by_feat(cls_scores, bbox_preds, metas, rescale)
 
     def predict_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], metas: Sequence[dict],

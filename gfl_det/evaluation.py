@@ -380,10 +380,19 @@ class CocoEvaluator:
 
     def process(self, preds: Sequence[Mapping[str, Any]],
                 metas: Sequence[Mapping[str, Any]]) -> None:
-        """Add one batch: ``preds`` as returned by ``GFL.predict(..., rescale=True)``."""
+        """Add one batch: ``preds`` as returned by ``GFL.predict(..., rescale=True)``.
+
+        An image whose meta has ``'load_failed'`` (the dataset's stand-in for a file that could
+        not be loaded, :meth:`gfl_det.data.CocoDataset.failed_sample`) is recorded as failed
+        (:meth:`add_failed`), not evaluated."""
         keep_p, keep_m = [], []
         for pred, meta in zip(preds, metas):
             img_id = int(meta['img_id'])
+            if meta.get('load_failed'):
+                if img_id not in self._seen:
+                    self._seen.add(img_id)
+                    self.add_failed([meta.get('file_name', f'image id {img_id}')])
+                continue
             if img_id in self._seen:  # e.g. a distributed sampler padding the last batch
                 _log(self.logger, f'image {img_id} predicted twice; keeping the first',
                      logging.WARNING)

@@ -164,7 +164,13 @@ def test_missing_image_at_load_eval_raises_or_skips(tmp_path):
     with pytest.raises(DatasetError, match=r"(?s)1 of 4 images.*missing_image.*2\.jpg.*fix"):
         CocoDataset(ann_file, img_dir, NO_RESIZE, test_mode=True)
     ds = CocoDataset(ann_file, img_dir, NO_RESIZE, test_mode=True, on_bad_image='skip')
-    assert len(ds) == 3 and ds.failed_images == ['2.jpg'] and ds.skipped['missing_image'] == 1
+    assert ds.failed_images == ['2.jpg'] and ds.skipped['missing_image'] == 1
+    # kept in the index: its sample is a flagged stand-in the evaluator counts, not scores
+    assert len(ds) == 4
+    s = ds[2]
+    assert s['meta']['load_failed'] == 'missing_image' and s['meta']['file_name'] == '2.jpg'
+    assert s['boxes'].shape == (0, 4) and s['image'].shape == (3, 32, 32)
+    assert all('load_failed' not in ds[i]['meta'] for i in (0, 1, 3))
 
 
 def test_image_missing_at_getitem_training_resamples_and_counts(tmp_path):
@@ -190,7 +196,13 @@ def test_corrupt_image_training_resamples_eval_raises(tmp_path):
     # a full check at load finds it up front, and eval can then skip it with a count
     ev2 = CocoDataset(ann_file, img_dir, NO_RESIZE, test_mode=True, on_bad_image='skip',
                       check_images='decode')
-    assert len(ev2) == 3 and ev2.failed_images == ['1.jpg']
+    assert len(ev2) == 4 and ev2.failed_images == ['1.jpg']
+    assert ev2[1]['meta']['load_failed'] == 'corrupt_image'
+    # ... and so can evaluation without the up-front check: found when decoded, counted once
+    ev3 = CocoDataset(ann_file, img_dir, NO_RESIZE, test_mode=True, on_bad_image='skip')
+    assert [ev3[i]['meta'].get('load_failed') for i in range(4)] == [None, 'corrupt_image', None, None]
+    assert ev3[1]['meta']['load_failed'] == 'corrupt_image'
+    assert ev3.failed_images == ['1.jpg'] and ev3.skipped['corrupt_image'] == 1
 
 
 def test_image_size_disagreeing_with_json(tmp_path):
@@ -265,6 +277,25 @@ def test_check_dataset_reports_everything_in_one_pass(tmp_path, capsys):
                    'size_mismatch: 1 (3.jpg)', 'nonpositive_size: 1 (0.jpg)', '[warning] clipped',
                    '7 error(s)'):
         assert needle in out, out
+
+
+def test_truncated_jpeg_is_a_bad_image_not_a_grey_one(tmp_path):
+    """cv2 decodes a JPEG cut in half with a grey bottom and only a libjpeg warning; loading
+    must call it corrupt (training resamples, evaluation reports), while a complete JPEG with
+    bytes appended after its end marker still loads."""
+    from gfl_det.data import BadImageError, load_image
+    rng = np.random.default_rng(0)
+    p = tmp_path / 'a.jpg'
+    cv2.imwrite(str(p), rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    data = p.read_bytes()
+    assert load_image(p).shape == (40, 60, 3)
+    p.write_bytes(data + b'trailer appended by a camera' * 4)
+    assert load_image(p).shape == (40, 60, 3)
+    p.write_bytes(data[:len(data) // 2])
+    assert cv2.imread(str(p)) is not None          # what cv2 alone would accept
+    with pytest.raises(BadImageError, match='truncated JPEG') as e:
+        load_image(p)
+    assert e.value.reason == 'corrupt_image'
 
 
 def test_check_dataset_finds_truncated_jpeg(tmp_path):

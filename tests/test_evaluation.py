@@ -366,6 +366,25 @@ def test_coco_evaluator_equals_pycocotools_on_processed_images(files, tmp_path):
     assert 'bbox_mAP_copypaste' in text and 'toothbrush' in text
 
 
+def test_coco_evaluator_counts_images_that_failed_to_load(files):
+    """A dataset's stand-in for an unreadable image (meta 'load_failed') is reported as failed
+    and left out of the evaluation, exactly as if it had never been processed."""
+    cat_ids = [c for c, _ in CATS]
+    img_ids = [i['id'] for i in files['gt']['images']][:10]
+    preds, metas = _preds_from_results(files['res'], img_ids, cat_ids)
+    logs = []
+    ev = CocoEvaluator(str(files['ann']), cat_ids=cat_ids, logger=logs.append)
+    failed = dict(metas[3], load_failed='corrupt_image')
+    ev.process(preds[:3] + [preds[3]] + preds[4:], metas[:3] + [failed] + metas[4:])
+    out = ev.evaluate()
+    assert out['failed_images'] == [metas[3]['file_name']] and out['num_images'] == 9
+    kept = img_ids[:3] + img_ids[4:]
+    ref, _ = pycocotools_stats(files['ann'], [r for r in files['res'] if r['image_id'] in kept],
+                               img_ids=kept)
+    assert out['stats'] == ref
+    assert '1 image(s) failed to load' in '\n'.join(logs)
+
+
 def test_coco_evaluator_nothing_processed(files):
     ev = CocoEvaluator(files['ann'])
     ev.add_failed(['a.jpg'])

@@ -26,14 +26,19 @@ Bad images (policy):
 * load time: every file is checked to exist (``check_images='exists'``; ``'header'`` also
   reads sizes, ``'decode'`` decodes everything, ``'none'`` trusts the JSON). In training a bad
   file is dropped and counted; in evaluation it raises :class:`DatasetError` listing them,
-  unless ``on_bad_image='skip'``, which drops and counts them (``dataset.failed_images`` gives
-  the names for the evaluator's report).
-* ``__getitem__`` time (missing, undecodable, or size different from the JSON): in training
-  (``on_bad_image='resample'``) the problem is logged, counted in ``dataset.skipped`` and a
-  random other image is returned instead; its ``meta['skipped']`` lists ``(reason, file)`` of
-  what it replaces, so a main process can count skips that happened in worker processes.
-  More than ``max_retries`` bad images in a row raise. In evaluation it raises
-  :class:`BadImageError` (file name and fix in the message).
+  unless ``on_bad_image='skip'``, which counts them (``dataset.failed_images`` gives the names
+  for the evaluator's report) and keeps them in the index as *failed samples* (below).
+* ``__getitem__`` time (missing, undecodable, truncated, or size different from the JSON): in
+  training (``on_bad_image='resample'``) the problem is logged, counted in ``dataset.skipped``
+  and a random other image is returned instead; its ``meta['skipped']`` lists
+  ``(reason, file)`` of what it replaces, so a main process can count skips that happened in
+  worker processes. More than ``max_retries`` bad images in a row raise. In evaluation it
+  raises :class:`BadImageError` (file name and fix in the message), unless
+  ``on_bad_image='skip'``: then a *failed sample* is returned -- a blank 32x32 image with no
+  boxes whose ``meta['load_failed']`` is the reason -- so the batch keeps its place and the
+  evaluator (:class:`gfl_det.evaluation.CocoEvaluator`) counts and reports the image as failed
+  instead of scoring it (this works across DataLoader worker processes, which cannot report
+  back any other way).
 
 Memory: per-image data is packed into a few numpy arrays (no list of dicts), so forked
 DataLoader workers do not copy it page by page through reference counting; the pycocotools
@@ -98,7 +103,8 @@ class CocoDataset(Dataset):
         min_size: drop images whose shorter side is smaller, in training (mmdet: 32).
         check_images: ``'none' | 'exists' | 'header' | 'decode'`` check of the files at load.
         on_bad_image: ``'resample'`` (training default), ``'raise'`` (evaluation default) or
-            ``'skip'`` (evaluation: drop files found bad at load time, with a count).
+            ``'skip'`` (evaluation: a bad file gives a failed sample, counted and reported by
+            the evaluator; in training: files found bad at load time are dropped).
         max_retries: consecutive bad images tolerated by ``'resample'``.
     """
 
@@ -137,6 +143,7 @@ class CocoDataset(Dataset):
         images = parsed['images']
         self._load_failed: list[str] = []
         self._bad_idx: dict[int, str] = {}    # index -> reason, found bad by __getitem__
+        known_bad: dict[int, str] = {}        # index -> reason, found bad at load ('skip')
 
         if check_images != 'none':
             bad = []
@@ -161,8 +168,12 @@ class CocoDataset(Dataset):
                 logger.warning('%s: %d image file(s) skipped at load: %s', self.ann_file,
                                len(bad), '; '.join(f"{im['file_name']} ({r[0]})"
                                                    for im, r in bad[:5]))
-            bad_names = {im['file_name'] for im, _ in bad}
-            images = [im for im in images if im['file_name'] not in bad_names]
+            bad_names = {im['file_name']: r[0] for im, r in bad}
+            if test_mode and on_bad_image == 'skip':  # kept: __getitem__ gives failed samples
+                known_bad = {i: bad_names[im['file_name']] for i, im in enumerate(images)
+                             if im['file_name'] in bad_names}
+            else:
+                images = [im for im in images if im['file_name'] not in bad_names]
 
         if not test_mode:
             kept = []
@@ -187,6 +198,11 @@ class CocoDataset(Dataset):
         self._boxes, self._box_off = _pack([im['boxes'] for im in images], 4, np.float32)
         self._labels, _ = _pack([im['labels'] for im in images], 0, np.int64)
         self._ign, self._ign_off = _pack([im['boxes_ignore'] for im in images], 4, np.float32)
+        self._bad_idx.update(known_bad)
+        if known_bad and len(known_bad) == len(images):
+            raise DatasetError(f'no usable image in {self.ann_file} (img_dir {self.img_dir}):\n'
+                               f'{self.skipped}\nfix: see the problems above, or run '
+                               'tools/check_dataset.py ANN_FILE IMG_DIR')
 
     # ------------------------------------------------------------------ info
     def __len__(self) -> int:
@@ -247,7 +263,36 @@ class CocoDataset(Dataset):
                          'ori_shape': (H, W), 'img_shape': (H, W), 'scale_factor': (1.0, 1.0),
                          'flip': False}}
 
+    def failed_sample(self, idx: int, reason: str) -> dict:
+        """The stand-in for image ``idx`` that could not be loaded (evaluation with
+        ``on_bad_image='skip'``): a blank 32x32 image, no boxes, ``meta['load_failed'] =
+        reason``. Models run on it like on any image; evaluators must not score it."""
+        H, W = (int(v) for v in self._hw[idx])
+        s = 32
+        return {'image': torch.zeros((3, s, s), dtype=torch.uint8),
+                'boxes': torch.zeros((0, 4), dtype=torch.float32),
+                'labels': torch.zeros((0,), dtype=torch.int64),
+                'meta': {'img_id': int(self._img_ids[idx]), 'file_name': str(self._names[idx]),
+                         'ori_shape': (H, W), 'img_shape': (s, s),
+                         'scale_factor': (s / W, s / H), 'flip': False, 'load_failed': reason}}
+
     def __getitem__(self, idx: int) -> dict:
+        if self.on_bad_image == 'skip' and self.test_mode:
+            if idx in self._bad_idx:
+                return self.failed_sample(idx, self._bad_idx[idx])
+            try:
+                results = self.load_results(idx)
+            except BadImageError as e:
+                name = str(self._names[idx])
+                self.skipped.add(e.reason, name)
+                self._load_failed.append(name)
+                self._bad_idx[idx] = e.reason
+                logger.warning('image failed to load; it is counted and left out of the '
+                               'evaluation: %s', e)
+                return self.failed_sample(idx, e.reason)
+            if self.transforms is not None:
+                results = self.transforms(results)
+            return to_sample(results)
         replaced: list[tuple[str, str]] = []
         for _ in range(self.max_retries + 1):
             if idx in self._bad_idx:                      # known bad in this process

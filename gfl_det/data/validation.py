@@ -413,7 +413,36 @@ def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None or img.ndim != 3 or img.size == 0:
         raise BadImageError(path, 'corrupt_image', 'cv2 could not decode it')
+    if _jpeg_truncated(path):
+        raise BadImageError(path, 'corrupt_image', 'truncated JPEG: the file ends before the '
+                            'end-of-image marker (cv2 would fill the rest with grey)')
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _jpeg_truncated(path: str) -> bool:
+    """True for a JPEG cut short (an interrupted download or copy).
+
+    cv2 decodes such a file "successfully", the missing rows grey, with only a libjpeg warning
+    on stderr. Cheap test first: a complete JPEG ends with the EOI marker ``FF D9`` (trailing
+    zero / whitespace padding allowed), checked by reading 2 + 64 bytes. Files that start as a
+    JPEG but do not end that way (some cameras append data after EOI) are decoded strictly by
+    PIL, which raises on a truncated file: only that decides.
+    """
+    with open(path, 'rb') as f:
+        if f.read(2) != b'\xff\xd8':
+            return False
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64))
+        tail = f.read().rstrip(b'\x00\r\n\t ')
+    if tail.endswith(b'\xff\xd9'):
+        return False
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except OSError:
+        return True
+    return False
 
 
 def check_dataset(ann_file: Union[str, os.PathLike], img_dir: Union[str, os.PathLike],

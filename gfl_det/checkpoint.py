@@ -42,7 +42,7 @@ from torch import nn
 __all__ = [
     'CheckpointError', 'UntrustedCheckpointError', 'CheckpointMismatchError', 'atomic_save',
     'load_trusted', 'load_untrusted', 'load_checkpoint', 'split_checkpoint', 'load_weights',
-    'find_latest_checkpoint', 'convert_to_weights',
+    'find_latest_checkpoint', 'convert_to_weights', 'capture_rng_state', 'restore_rng_state',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -406,6 +406,53 @@ def _verify_loads(path: str) -> None:
         torch.load(path, map_location='cpu', weights_only=False, mmap=True)
     else:  # legacy format (or a truncated zip, whose central directory is missing)
         torch.load(path, map_location='cpu', weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# random number generator states (for an exact resume)
+# ----------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict:
+    """The states of Python's ``random``, numpy's global generator, torch's CPU generator and
+    (when CUDA is already initialised) every CUDA generator, as plain data and tensors only --
+    so a checkpoint holding it still loads with ``weights_only=True``."""
+    import random
+
+    import numpy as np
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': {'version': version, 'internal': list(internal), 'gauss_next': gauss_next},
+             'numpy': {'name': str(name), 'keys': torch.from_numpy(keys.astype(np.int64)),
+                       'pos': int(pos), 'has_gauss': int(has_gauss), 'cached': float(cached)},
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> list[str]:
+    """Set the generators from :func:`capture_rng_state`'s dict; returns the names restored
+    (CUDA only when this process sees as many devices as the saving one did)."""
+    import random
+
+    import numpy as np
+    done = []
+    if 'python' in state:
+        p = state['python']
+        random.setstate((p['version'], tuple(p['internal']), p['gauss_next']))
+        done.append('python')
+    if 'numpy' in state:
+        n = state['numpy']
+        keys = np.asarray(torch.as_tensor(n['keys']).numpy(), dtype=np.uint32)
+        np.random.set_state((n['name'], keys, n['pos'], n['has_gauss'], n['cached']))
+        done.append('numpy')
+    if 'torch' in state:
+        torch.set_rng_state(torch.as_tensor(state['torch'], dtype=torch.uint8).cpu())
+        done.append('torch')
+    cuda = state.get('cuda')
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all([torch.as_tensor(c, dtype=torch.uint8).cpu() for c in cuda])
+        done.append('cuda')
+    return done
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,37 +1,55 @@
 """Non-finite loss / gradient guard for training loops (plain PyTorch, no mmengine).
 
 A step whose total loss or any gradient is NaN/Inf is skipped (gradients zeroed, no optimizer
-step), counted, and logged with the iteration and the offending loss terms. After
-``max_consecutive`` skipped steps in a row training stops with ``NonFiniteLossError`` (the
-last good checkpoint stays on disk: nothing is saved from a broken state).
+step), counted, and logged with the iteration and the offending loss terms (or, when every loss
+term is finite, the parameters whose gradient is not). After ``max_consecutive`` skipped steps
+in a row training stops with ``NonFiniteLossError`` (the last good checkpoint stays on disk:
+nothing is saved from a broken state).
 
-Cost: the check reduces every loss term and gradient to one boolean on the device and reads
-it once per iteration (a single host sync, which the loss logging already pays).
+Two ways to use it:
+
+* :meth:`NonFiniteGuard.step_ok` -- call with the loss dict before backward and with the named
+  parameters after backward (a plain training loop; two reads per step).
+* :meth:`NonFiniteGuard.nonfinite` + :meth:`NonFiniteGuard.skip` / :meth:`NonFiniteGuard.passed`
+  -- what ``gfl_det.mm.OptimWrapper`` does under mmengine: after backward, the total loss and
+  every gradient are reduced to ONE boolean on the device and read once (a single host sync
+  per iteration, which the loss logging pays anyway); only when it is set are the loss terms
+  and gradients looked at one by one to name the culprit (rare, so its syncs do not matter).
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+__all__ = ['NonFiniteLossError', 'NonFiniteGuard']
+
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many consecutive training steps had a non-finite loss or gradient."""
 
 
 class NonFiniteGuard:
+    """Counts and names non-finite steps; raises after ``max_consecutive`` in a row.
+
+    Attributes: ``skipped`` (steps skipped in all), ``consecutive`` (skipped in a row now),
+    ``last_reason`` (what the last skipped step had), ``max_consecutive``.
+    """
+
     def __init__(self, max_consecutive: int = 5, logger: logging.Logger | None = None):
-        if max_consecutive < 1:
+        if int(max_consecutive) < 1:
             raise ValueError("max_consecutive must be >= 1")
-        self.max_consecutive = max_consecutive
+        self.max_consecutive = int(max_consecutive)
         self.logger = logger or log
         self.skipped = 0
         self.consecutive = 0
+        self.last_reason: Optional[str] = None
 
+    # ------------------------------------------------------------------ device-side checks
     def losses_finite(self, losses: Mapping[str, Tensor]) -> tuple[bool, list[str]]:
         """One device reduction and one read; names the bad terms only when something is wrong."""
         terms = {k: v for k, v in losses.items() if isinstance(v, Tensor)}
@@ -43,11 +61,74 @@ class NonFiniteGuard:
 
     @staticmethod
     def grads_finite(params: Iterable[torch.nn.Parameter]) -> tuple[bool, list[str] | None]:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return True, None
-        norms = torch._foreach_norm(grads)
-        return bool(torch.isfinite(torch.stack(norms)).all()), None
+        flag = NonFiniteGuard.nonfinite(grads=[p.grad for p in params if p.grad is not None])
+        return not bool(flag), None
+
+    @staticmethod
+    def nonfinite(loss: Optional[Tensor] = None, grads: Sequence[Optional[Tensor]] = ()) -> Tensor:
+        """A 0-dim bool tensor on the device, True when ``loss`` or any gradient holds a NaN or
+        an Inf. No host sync: the caller reads it (``bool(flag)``) once.
+
+        Gradients are reduced with the max-abs norm (``torch._foreach_norm(ord=inf)``): NaN and
+        Inf propagate, and unlike the 2-norm it cannot overflow for large but finite values.
+        """
+        flags = []
+        if loss is not None:
+            flags.append(~torch.isfinite(loss.detach()).all())
+        grads = [g for g in grads if g is not None]
+        if grads:
+            norms = torch._foreach_norm([g.detach() for g in grads], ord=float('inf'))
+            dev = flags[0].device if flags else norms[0].device
+            flags.append(~torch.isfinite(torch.stack([n.to(dev) for n in norms])).all())
+        if not flags:
+            return torch.zeros((), dtype=torch.bool)
+        return torch.stack(flags).any() if len(flags) > 1 else flags[0]
+
+    @staticmethod
+    def describe(loss_terms: Optional[Mapping[str, Any]] = None,
+                 named_params: Optional[Iterable[tuple[str, torch.nn.Parameter]]] = None,
+                 max_names: int = 3) -> str:
+        """Which loss terms are non-finite (with their values), or else which parameters have a
+        non-finite gradient. Reads every term: call it only once a step is known to be bad."""
+        bad_terms = []
+        for k, v in (loss_terms or {}).items():
+            if isinstance(v, Tensor) and not bool(torch.isfinite(v.detach()).all()):
+                bad_terms.append(f'{k}={float(v.detach().float().mean()):.4g}')
+        if bad_terms:
+            return f"non-finite loss term(s) {', '.join(bad_terms)}"
+        if named_params is not None:
+            bad = [n for n, p in named_params
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            if bad:
+                more = f' (+{len(bad) - max_names} more)' if len(bad) > max_names else ''
+                return (f'non-finite gradient in {len(bad)} parameter(s): gradient of '
+                        f"{', '.join(bad[:max_names])}{more}")
+        return 'non-finite loss or gradient'
+
+    # ------------------------------------------------------------------ bookkeeping
+    def passed(self) -> None:
+        """A good step: the run of consecutive skips is over."""
+        self.consecutive = 0
+
+    def skip(self, iteration: Optional[int], reason: str, epoch: Optional[int] = None) -> None:
+        """Count one skipped step, log it, and raise :class:`NonFiniteLossError` when it is the
+        ``max_consecutive``-th in a row."""
+        self.skipped += 1
+        self.consecutive += 1
+        self.last_reason = reason
+        where = 'iteration ?' if iteration is None else f'iteration {iteration}'
+        if epoch is not None:
+            where += f' (epoch {epoch})'
+        # formatted here, not by logging: mmengine's logger drops a WARNING whose format string
+        # it has seen before (FilterDuplicateWarning), which would hide every skip but the first
+        self.logger.warning(f"{where}: {reason}; step skipped: no optimizer step, gradients "
+                            f"zeroed ({self.skipped} skipped so far, {self.consecutive} in a row, "
+                            f"limit {self.max_consecutive})")
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{where}: {self.consecutive} consecutive steps with non-finite loss or gradients "
+                f"({reason}). Training stopped; the last good checkpoint is kept. Lower the learning rate, "
+                f"check the data (tools/check_dataset.py) or enable gradient clipping.")
 
     def step_ok(self, iteration: int, losses: Mapping[str, Tensor] | None = None,
                 named_params: Iterable[tuple[str, torch.nn.Parameter]] | None = None) -> bool:
@@ -61,25 +142,23 @@ class NonFiniteGuard:
         if losses is not None:
             ok, bad = self.losses_finite(losses)
             if not ok:
-                vals = ", ".join(f"{k}={float(losses[k].detach().float().mean()):.4g}" for k in bad)
-                reason = f"non-finite loss term(s) {vals}"
+                reason = self.describe({k: losses[k] for k in bad})
         if reason is None and named_params is not None:
             named = [(n, p) for n, p in named_params if p.grad is not None]
             ok, _ = self.grads_finite(p for _, p in named)
             if not ok:
-                bad = [n for n, p in named if not bool(torch.isfinite(p.grad).all())]
-                reason = f"non-finite gradient in {len(bad)} parameter(s), e.g. {', '.join(bad[:3])}"
+                reason = self.describe(named_params=named)
         if reason is None:
             if named_params is not None:  # the step is complete only once its gradients passed
-                self.consecutive = 0
+                self.passed()
             return True
-        self.skipped += 1
-        self.consecutive += 1
-        self.logger.warning("iteration %d: %s; step skipped (%d skipped so far, %d in a row, limit %d)",
-                            iteration, reason, self.skipped, self.consecutive, self.max_consecutive)
-        if self.consecutive >= self.max_consecutive:
-            raise NonFiniteLossError(
-                f"iteration {iteration}: {self.consecutive} consecutive steps with non-finite loss or gradients "
-                f"({reason}). Training stopped; the last good checkpoint is kept. Lower the learning rate, "
-                f"check the data (tools/check_dataset.py) or enable gradient clipping.")
+        self.skip(iteration, reason)
         return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {'skipped': self.skipped, 'consecutive': self.consecutive}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.skipped = int(state.get('skipped', 0))
+        self.consecutive = int(state.get('consecutive', 0))

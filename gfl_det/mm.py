@@ -73,9 +73,10 @@ from mmengine.runner.checkpoint import weights_to_cpu
 from mmengine.utils import apply_to
 
 from . import data as gdata
-from .checkpoint import (atomic_save, find_latest_checkpoint, load_trusted, load_untrusted,
-                         load_weights)
+from .checkpoint import (atomic_save, capture_rng_state, find_latest_checkpoint, load_trusted,
+                         load_untrusted, load_weights, restore_rng_state)
 from .evaluation import METRIC_NAMES, CocoEvaluator
+from .guard import NonFiniteGuard, NonFiniteLossError
 from .models import GFL, build_detector
 
 __all__ = ['SCOPE', 'GFLDetector', 'GFLDataPreprocessor', 'CocoDetDataset', 'SyntheticCocoDataset',
@@ -186,6 +187,15 @@ class GFLDetector(GFL, BaseModel):
         dp.setdefault('type', 'DetDataPreprocessor')
         self.data_preprocessor = MODELS.build(dp)
 
+    def parse_losses(self, losses: dict) -> tuple[Tensor, dict]:
+        """mmengine's, also keeping the (detached) loss terms in ``last_loss_terms`` so that the
+        non-finite guard of :class:`OptimWrapper` can name the bad term when a step fails
+        (mmengine's DDP wrapper calls ``module.parse_losses`` too, so this works under DDP)."""
+        loss, log_vars = super().parse_losses(losses)
+        self.last_loss_terms = {k: v.detach() for k, v in log_vars.items()
+                                if isinstance(v, Tensor) and k != 'loss'}
+        return loss, log_vars
+
     def init_weights(self) -> None:
         """Nothing to do: every part is initialised (MMDetection's init) when it is built, and
         the backbone loads its ``init_cfg`` pretrained weights there. mmengine's default would
@@ -220,6 +230,11 @@ class GFLDetector(GFL, BaseModel):
             preds = self.predict(x, metas, rescale=True)
             for p, m in zip(preds, metas):
                 p['img_id'] = m['img_id']
+                if m.get('load_failed'):  # the dataset's stand-in for an unreadable image
+                    for k in ('bboxes', 'scores', 'labels'):
+                        p[k] = p[k][:0]
+                    p['load_failed'] = m['load_failed']
+                    p['file_name'] = m.get('file_name')
             return preds
         raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
 
@@ -405,6 +420,11 @@ class CocoMetric(BaseMetric):
     with the ``coco/`` prefix (``coco/bbox_mAP``, ``coco/bbox_mAP_50``, ...) so that
     ``CheckpointHook(save_best='coco/bbox_mAP')`` works.
 
+    Images that failed to load (the dataset's ``on_bad_image='skip'`` stand-ins, flagged
+    ``load_failed``) are not scored: they are listed in a warning and counted as
+    ``coco/failed_images`` (a 13th key, present only when some failed); the metrics are those
+    of the images that loaded. A model that outputs no detections at all gets AP 0.
+
     Args:
         ann_file: the COCO annotation JSON of the evaluated split.
         metric: ``'bbox'`` (the only one).
@@ -433,17 +453,21 @@ class CocoMetric(BaseMetric):
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
         for p in data_samples:
-            self.results.append({'img_id': int(p['img_id']),
-                                 'bboxes': p['bboxes'].detach().cpu().numpy(),
-                                 'scores': p['scores'].detach().cpu().numpy(),
-                                 'labels': p['labels'].detach().cpu().numpy()})
+            r = {'img_id': int(p['img_id']),
+                 'bboxes': p['bboxes'].detach().cpu().numpy(),
+                 'scores': p['scores'].detach().cpu().numpy(),
+                 'labels': p['labels'].detach().cpu().numpy()}
+            if p.get('load_failed'):  # counted and reported, not scored
+                r.update(load_failed=str(p['load_failed']), file_name=str(p.get('file_name')))
+            self.results.append(r)
 
     def compute_metrics(self, results: list) -> dict:
         logger = MMLogger.get_current_instance()
         cat_ids = (self.dataset_meta or {}).get('cat_ids')
         ev = CocoEvaluator(self.ann_file, cat_ids=cat_ids, classwise=self.classwise,
                            logger=logger)
-        ev.process(results, [{'img_id': r['img_id']} for r in results])
+        ev.process(results, [{k: r[k] for k in ('img_id', 'load_failed', 'file_name') if k in r}
+                             for r in results])
         if self.outfile:
             d = osp.dirname(osp.abspath(self.outfile))
             os.makedirs(d, exist_ok=True)
@@ -452,7 +476,10 @@ class CocoMetric(BaseMetric):
         if self.format_only:
             return {}
         res = ev.evaluate()
-        return {name: float(res[name]) for name in METRIC_NAMES}
+        metrics = {name: float(res[name]) for name in METRIC_NAMES}
+        if res['failed_images']:  # only then, so that a clean run has MMDetection's 12 keys
+            metrics['failed_images'] = float(len(res['failed_images']))
+        return metrics
 
 
 # =============================================================================================
@@ -484,14 +511,144 @@ class _DeferredScalars:
         return out
 
 
+_DEFAULT_GUARD = dict(max_consecutive=5)
+
+
 @OPTIM_WRAPPERS.register_module(name='OptimWrapper')
 class OptimWrapper(_DeferredScalars, _MMOptimWrapper):
-    """mmengine's ``OptimWrapper`` (grad clipping, accumulation) with the deferred grad norm."""
+    """mmengine's ``OptimWrapper`` (grad clipping, accumulation) with the deferred grad norm and
+    a guard against non-finite steps.
+
+    ``optim_wrapper = dict(type='OptimWrapper', optimizer=..., nonfinite_guard=dict(
+    max_consecutive=5))`` (the default; ``nonfinite_guard=None`` turns it off). After backward
+    the total loss and every gradient are reduced on the device to one flag, read once per
+    iteration (one host sync; all-reduced across ranks so that every rank decides alike). A
+    non-finite step is *skipped*: no optimizer step, gradients zeroed, and the model's buffers
+    (BatchNorm running statistics, which the forward pass already updated, possibly with NaN)
+    put back as they were before the forward pass -- so the model is exactly as before the step.
+    It is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from the first
+    skip on; the count is saved in checkpoints with the optimizer state) and logged with the
+    iteration (1-based, as mmengine's logs) and the loss term(s) that are non-finite, or the
+    parameters whose gradient is. :class:`DeferredRuntimeInfoHook` leaves a skipped step's
+    losses out of the logged (smoothed) values, so one NaN does not turn the next 50 log lines
+    into NaN. ``max_consecutive`` skipped steps in a row raise
+    :class:`gfl_det.guard.NonFiniteLossError` (:class:`GFLRunner` adds the last good checkpoint
+    to the message; nothing is saved from the broken state). The lr schedule moves on through a
+    skipped iteration, as it does for any iteration.
+
+    With gradient accumulation (``accumulative_counts > 1``) a bad micro-batch also discards the
+    gradients accumulated before it in its window. For mixed precision see
+    :class:`AmpOptimWrapper`.
+    """
+
+    _guard_grads = True  # AmpOptimWrapper: False when its GradScaler checks the gradients
+    step_skipped = False  # the last update_params was skipped by the guard
+
+    def __init__(self, *args: Any, nonfinite_guard: Union[dict, bool, None] = _DEFAULT_GUARD,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if nonfinite_guard is None or nonfinite_guard is False:
+            self.guard: Optional[NonFiniteGuard] = None
+        else:
+            cfg = {} if nonfinite_guard is True else dict(nonfinite_guard)
+            cfg.pop('type', None)
+            self.guard = NonFiniteGuard(logger=MMLogger.get_current_instance(), **cfg)
+        self._guard_model: Optional[torch.nn.Module] = None
+        self._guard_bufs: list = []
+        self._guard_backup: list = []
+
+    # ------------------------------------------------------------------ non-finite guard
+    @contextlib.contextmanager
+    def optim_context(self, model: torch.nn.Module):
+        if self.guard is not None:
+            self._guard_snapshot(model)
+        with super().optim_context(model):
+            yield
+
+    def _guard_snapshot(self, model: torch.nn.Module) -> None:
+        """Remember the model (to name loss terms / parameters) and copy its buffers, which the
+        coming forward pass changes (BatchNorm running stats), into a reused backup."""
+        m = model.module if is_model_wrapper(model) else model
+        self._guard_model = m
+        bufs = list(m.buffers())
+        with torch.no_grad():
+            if (len(bufs) != len(self._guard_bufs)
+                    or any(a is not b for a, b in zip(bufs, self._guard_bufs))):
+                self._guard_bufs = bufs
+                self._guard_backup = [b.detach().clone() for b in bufs]
+            elif bufs:
+                torch._foreach_copy_(self._guard_backup, bufs)
+
+    def _step_nonfinite(self, loss: Tensor) -> bool:
+        grads = ([p.grad for g in self.optimizer.param_groups for p in g['params']
+                  if p.grad is not None] if self._guard_grads else [])
+        flag = NonFiniteGuard.nonfinite(loss, grads)
+        import torch.distributed as tdist
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            flag = flag.to(torch.int32)
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag)  # the one host sync
+
+    def _skip_step(self, zero_kwargs: dict) -> None:
+        m = self._guard_model
+        if m is not None:
+            named = list(m.named_parameters())
+            terms = getattr(m, 'last_loss_terms', None)
+        else:
+            named = [(f'param_groups[{i}][{j}]', p) for i, g in enumerate(self.optimizer.param_groups)
+                     for j, p in enumerate(g['params'])]
+            terms = None
+        reason = NonFiniteGuard.describe(terms, named)
+        self.zero_grad(**zero_kwargs)
+        if m is not None and self._guard_bufs:
+            with torch.no_grad():
+                torch._foreach_copy_(self._guard_bufs, self._guard_backup)
+        it = self.message_hub.get_info('iter')
+        try:
+            self.guard.skip(None if it is None else int(it) + 1, reason)
+        finally:
+            self.message_hub.update_scalar('train/nonfinite_skipped', self.guard.skipped)
+
+    def update_params(self, loss: Tensor, step_kwargs: Optional[dict] = None,
+                      zero_kwargs: Optional[dict] = None) -> None:
+        if self.guard is None:
+            return super().update_params(loss, step_kwargs, zero_kwargs)
+        loss = self.scale_loss(loss)
+        self.backward(loss)
+        self.step_skipped = self._step_nonfinite(loss)
+        if self.step_skipped:
+            self._skip_step(zero_kwargs or {})
+            return
+        self.guard.passed()
+        if self.should_update():
+            self.step(**(step_kwargs or {}))
+            self.zero_grad(**(zero_kwargs or {}))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.guard is not None:
+            state['nonfinite_guard'] = self.guard.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        guard = state_dict.pop('nonfinite_guard', None)
+        if guard and self.guard is not None:
+            self.guard.load_state_dict(guard)
+        super().load_state_dict(state_dict)
 
 
 @OPTIM_WRAPPERS.register_module(name='AmpOptimWrapper')
 class AmpOptimWrapper(OptimWrapper):
     """Mixed precision that also runs on the CPU (mmengine's refuses to be built without a GPU).
+
+    Non-finite steps: with float16 the GradScaler owns the gradient check -- a step whose
+    (scaled) gradients overflow is skipped by ``GradScaler.step`` and the scale is lowered, the
+    normal dynamic loss-scaling mechanism; the guard of :class:`OptimWrapper` does not count
+    those (no double counting, no stop) and checks only the loss itself (a NaN/Inf loss is not
+    a scaling problem: it is skipped and counted as without AMP, and the scaler is left as it
+    was). With bfloat16 (no loss scaling) the guard checks loss and gradients as without AMP.
+    The scaler's state (scale, growth tracker) is saved in checkpoints and restored on resume.
 
     Args:
         dtype: ``'float16'``, ``'bfloat16'`` or None/``'auto'``: float16 on CUDA, bfloat16 on the
@@ -522,6 +679,7 @@ class AmpOptimWrapper(OptimWrapper):
             raise TypeError(f"loss_scale must be 'dynamic', a float or a dict, got {loss_scale!r}")
         self.loss_scaler = torch.amp.GradScaler(self.device_type,
                                                 enabled=dtype == torch.float16, **scaler_kwargs)
+        self._guard_grads = not self.loss_scaler.is_enabled()
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         self.loss_scaler.scale(loss).backward(**kwargs)
@@ -577,6 +735,8 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Optional[dict] = None) -> None:
+        if getattr(runner.optim_wrapper, 'step_skipped', False):
+            outputs = None  # non-finite losses of a skipped step: counted and logged by the guard
         vals = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in (outputs or {}).items()}
         if isinstance(runner.optim_wrapper, _DeferredScalars):
             vals.update(runner.optim_wrapper.pop_pending_scalars())
@@ -629,10 +789,106 @@ class DrawPredictionsHook(Hook):
         names = getattr(model, 'class_names', None) or getattr(dataset, 'classes', None)
         os.makedirs(self.out_dir, exist_ok=True)
         for pred, meta in zip(outputs or [], data_batch['metas']):
+            if meta.get('load_failed'):
+                continue
             img = gdata.load_image(osp.join(dataset.img_dir, meta['file_name']))
             drawn = draw_detections(img, pred, names, self.score_thr)
             cv2.imwrite(osp.join(self.out_dir, osp.basename(meta['file_name'])),
                         cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+
+
+# =============================================================================================
+# reliability: randomness kept out of validation, a report of bad input
+# =============================================================================================
+@HOOKS.register_module()
+class ValRandomStateHook(Hook):
+    """Validation leaves the random number generators as it found them (states saved in
+    ``before_val``, put back in ``after_val``).
+
+    Why: a checkpoint is written at the end of an epoch, *before* that epoch's validation, and
+    holds the generators' states (:meth:`GFLRunner.save_checkpoint`); the resumed run goes
+    straight on with training. Validation draws from torch's generator (every DataLoader
+    iterator draws a base seed), so without this the uninterrupted run and the resumed one
+    would train on differently seeded data. As a bonus, ``val_interval`` no longer changes the
+    training trajectory. :class:`GFLRunner` registers it itself.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_val(self, runner) -> None:
+        self._state = capture_rng_state()
+
+    def after_val(self, runner) -> None:
+        state = getattr(self, '_state', None)
+        if state is not None:
+            restore_rng_state(state)
+            self._state = None
+
+
+@HOOKS.register_module()
+class DataReportHook(Hook):
+    """Reports bad input in the run's log (and so in the log file), with counts and file names.
+
+    * before training / validation / testing: what the dataset skipped or repaired when it was
+      loaded (:class:`gfl_det.data.SkipReport`: missing files, bad boxes, unknown ids, ...);
+    * during training: images that failed to decode (or disagreed with the JSON) and were
+      replaced by another image -- collected from the batch metas, so those found in DataLoader
+      worker processes count too -- one warning line per iteration that had any;
+    * after training: the whole training report (load time + this run's replacements).
+
+    Images that fail in evaluation are counted by :class:`CocoMetric`. :class:`GFLRunner`
+    registers this hook itself.
+    """
+
+    priority = 'BELOW_NORMAL'
+
+    def __init__(self) -> None:
+        self.runtime = gdata.SkipReport()
+        self._load_report = gdata.SkipReport()
+        self._reported: set = set()
+
+    def _report_dataset(self, runner, loader: Any, what: str) -> None:
+        ds = getattr(loader, 'dataset', None)
+        rep = getattr(ds, 'skipped', None)
+        if not isinstance(rep, gdata.SkipReport) or id(ds) in self._reported:
+            return
+        self._reported.add(id(ds))
+        if rep.total:
+            runner.logger.warning(f'{what} data {getattr(ds, "ann_file", "")}: {len(ds)} images in '
+                                  f'use; found at load (skipped, or repaired as noted):\n{rep}')
+
+    def before_train(self, runner) -> None:
+        loader = runner.train_dataloader
+        self._report_dataset(runner, loader, 'training')
+        rep = getattr(getattr(loader, 'dataset', None), 'skipped', None)
+        self._load_report = gdata.SkipReport().merge(rep) if isinstance(rep, gdata.SkipReport) \
+            else gdata.SkipReport()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
+                         outputs: Optional[dict] = None) -> None:
+        metas = data_batch.get('metas') if isinstance(data_batch, dict) else None
+        if not metas or not any('skipped' in m for m in metas):
+            return
+        new = gdata.SkipReport().add_from_metas(metas)
+        self.runtime.merge(new)
+        runner.logger.warning(
+            f'iteration {runner.iter + 1}: {new.total} bad image(s) replaced by other images in '
+            'this batch: ' + '; '.join(f'{r} {", ".join(new.files(r))}' for r in sorted(new.counts))
+            + f' ({self.runtime.total} replaced in this run so far)')
+
+    def after_train(self, runner) -> None:
+        total = gdata.SkipReport().merge(self._load_report).merge(self.runtime)
+        if total.total:
+            runner.logger.warning('training data report (skipped at load, and bad images '
+                                  f'replaced during this run):\n{total}')
+        else:
+            runner.logger.info('training data report: no problems')
+
+    def before_val(self, runner) -> None:
+        self._report_dataset(runner, runner.val_dataloader, 'validation')
+
+    def before_test(self, runner) -> None:
+        self._report_dataset(runner, runner.test_dataloader, 'test')
 
 
 # =============================================================================================
@@ -696,6 +952,41 @@ class GFLRunner(Runner):
     loader defaults (``pin_memory`` when CUDA is present)."""
 
     _trusted_load = False
+    _resumed_rng: Optional[dict] = None
+
+    # ------------------------------------------------------------------ hooks, train
+    def register_hooks(self, default_hooks: Optional[dict] = None,
+                       custom_hooks: Optional[list] = None) -> None:
+        """mmengine's, plus :class:`ValRandomStateHook` and :class:`DataReportHook` unless the
+        config already has them."""
+        super().register_hooks(default_hooks, custom_hooks)
+        for cls in (ValRandomStateHook, DataReportHook):
+            if not any(isinstance(h, cls) for h in self._hooks):
+                self.register_hook(cls())
+
+    def train(self) -> torch.nn.Module:
+        """mmengine's; a :class:`NonFiniteLossError` (too many non-finite steps in a row, or
+        non-finite weights at a checkpoint) gets the last good checkpoint added to its message
+        and is logged before it propagates. Nothing is saved from the broken state."""
+        try:
+            return super().train()
+        except NonFiniteLossError as e:
+            ckpt = find_latest_checkpoint(self.work_dir, logger=self.logger)
+            if ckpt is None:
+                where = 'No checkpoint had been written yet.'
+            else:
+                try:
+                    meta = torch.load(ckpt, map_location='cpu', weights_only=False,
+                                      mmap=True).get('meta', {})
+                    at = f" (epoch {meta.get('epoch')}, iteration {meta.get('iter')})"
+                except Exception:  # noqa: BLE001 -- the name is what matters
+                    at = ''
+                where = (f'The last good checkpoint is {ckpt}{at}; continue from it with '
+                         '`tools/train.py CONFIG --resume` once the cause is fixed.')
+            e.args = (f'{e.args[0] if e.args else e} {where} No checkpoint was written from '
+                      'the broken state.',) + tuple(e.args[1:])
+            self.logger.error(e.args[0])
+            raise
 
     # ------------------------------------------------------------------ CPU multi-process
     def setup_env(self, env_cfg: dict) -> None:
@@ -755,9 +1046,20 @@ class GFLRunner(Runner):
         if dataset_meta is not None:
             meta['dataset_meta'] = copy.deepcopy(dict(dataset_meta))
         model = self.model.module if is_model_wrapper(self.model) else self.model
+        state_dict = model.state_dict()
+        if bool(NonFiniteGuard.nonfinite(grads=[v for v in state_dict.values()
+                                                if v.is_floating_point()])):
+            bad = [k for k, v in state_dict.items()
+                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            raise NonFiniteLossError(
+                f'iteration {self.iter}: the model\'s weights are not finite ({len(bad)} '
+                f'tensor(s), e.g. {", ".join(bad[:3])}); {filename} was NOT written. Training '
+                'stopped; lower the learning rate or enable gradient clipping.')
         to_cpu = lambda x: apply_to(x, lambda v: hasattr(v, 'cpu'), lambda v: v.cpu())  # noqa: E731
-        checkpoint = {'meta': meta, 'state_dict': weights_to_cpu(model.state_dict()),
-                      'message_hub': to_cpu(encode_message_hub(self.message_hub.state_dict()))}
+        checkpoint = {'meta': meta, 'state_dict': weights_to_cpu(state_dict),
+                      'message_hub': to_cpu(encode_message_hub(self.message_hub.state_dict())),
+                      # for an exact resume (restored by resume(); plain tensors and numbers)
+                      'rng_state': capture_rng_state()}
         if save_optimizer:
             checkpoint['optimizer'] = to_cpu(self.optim_wrapper.state_dict())
         if save_param_scheduler and self.param_schedulers is not None:
@@ -783,6 +1085,8 @@ class GFLRunner(Runner):
         checkpoint = (load_trusted if trusted else load_untrusted)(path, map_location=map_location)
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get('message_hub'), dict):
             checkpoint['message_hub'] = decode_message_hub(checkpoint['message_hub'])
+        if self._trusted_load and isinstance(checkpoint, dict):  # resume: see resume()
+            self._resumed_rng = checkpoint.get('rng_state')
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         model = self.model.module if is_model_wrapper(self.model) else self.model
         strict = strict or self._trusted_load or bool(self.cfg.get('load_from_strict', False))
@@ -810,12 +1114,32 @@ class GFLRunner(Runner):
 
     def resume(self, filename: str, resume_optimizer: bool = True,
                resume_param_scheduler: bool = True, map_location: Any = 'default') -> None:
-        """mmengine's resume, reading the file as TRUSTED (our own work_dir checkpoint)."""
+        """mmengine's resume, reading the file as TRUSTED (our own work_dir checkpoint), then
+        putting back the random generators' states saved with it (python, numpy, torch, CUDA;
+        mmengine only re-seeds them, so data augmentation after a resume would differ from an
+        uninterrupted run). The AMP GradScaler state comes back with the optimizer state
+        (:class:`AmpOptimWrapper`), the non-finite skip count too (:class:`OptimWrapper`).
+
+        Not restored: in a distributed run with ``randomness.diff_rank_seed=True`` (each rank
+        had its own states; the checkpoint holds rank 0's), and the states inside DataLoader
+        worker processes -- with ``persistent_workers=True`` those run on from one epoch to the
+        next and restart from their seed after a resume. Bit-exact resume therefore needs
+        ``num_workers=0`` or ``persistent_workers=False`` (mmengine seeds the workers of every
+        epoch alike), a deterministic run on the same hardware, and a resume from an epoch
+        checkpoint (mmengine's EpochBasedTrainLoop restarts a resumed epoch from its first
+        batch).
+        """
         self._trusted_load = True
+        self._resumed_rng = None
         try:
             super().resume(filename, resume_optimizer, resume_param_scheduler, map_location)
         finally:
             self._trusted_load = False
+        rng, self._resumed_rng = self._resumed_rng, None
+        if rng and not (self.distributed and self._randomness_cfg.get('diff_rank_seed')):
+            done = restore_rng_state(rng)
+            self.logger.info(f'restored the random generator states ({", ".join(done)}) from '
+                             f'{filename}')
 
     def load_or_resume(self) -> None:
         """``resume=True`` without ``load_from``: the newest complete checkpoint in the work_dir

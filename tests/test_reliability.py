@@ -51,7 +51,7 @@ def test_nan_gradient_is_skipped_and_named(caplog):
     with caplog.at_level(logging.WARNING):
         model, steps = _train(guard, nan_at_grad={4})
     assert guard.skipped == 1 and steps == 7
-    assert "iteration 4: non-finite gradient in 1 parameter(s), e.g. bias" in caplog.text
+    assert "iteration 4: non-finite gradient in 1 parameter(s): gradient of bias" in caplog.text
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -9,6 +9,10 @@
 Logs (ETA, losses, lr) and TensorBoard events go to the work dir (default
 ``work_dirs/<config name>``), with a checkpoint per epoch, ``best_coco_bbox_mAP_epoch_N.pth``
 and COCO validation after every epoch.
+
+Exit status: 0 done; 3 training stopped by the non-finite guard (``optim_wrapper.
+nonfinite_guard.max_consecutive`` NaN/Inf steps in a row; the message names the last good
+checkpoint); anything else is an error with its traceback.
 """
 from __future__ import annotations
 
@@ -95,9 +99,14 @@ def setup_cfg(args) -> Config:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = setup_cfg(args)
+    from gfl_det.guard import NonFiniteLossError
     from gfl_det.mm import GFLRunner
     runner = GFLRunner.from_cfg(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except NonFiniteLossError as e:  # already in the log; the message names the checkpoint
+        print(f'error: training stopped: {e}', file=sys.stderr)
+        return 3
     if runner.rank == 0:
         best = runner.message_hub.get_info('best_score')
         ckpt = runner.message_hub.get_info('best_ckpt')

@@ -47,6 +47,11 @@ val_dataloader = dict(
         ann_file='annotations/instances_val2017.json',
         data_prefix=dict(img='val2017/'),
         test_mode=True,
+        # gfl_det: an image that cannot be loaded (missing, corrupt, truncated, size unlike the
+        # JSON) is counted and reported (coco/failed_images) and left out of the metrics,
+        # instead of stopping the evaluation (mmdet) -- or a whole training run at its first
+        # validation. 'raise' stops at the first one, naming it.
+        on_bad_image='skip',
         pipeline=test_pipeline,
         backend_args=backend_args))
 test_dataloader = val_dataloader

@@ -1,0 +1,287 @@
+"""The non-finite guard wired into real mmengine training (gfl_det.mm.OptimWrapper), and an
+exact resume (random generator states, AMP GradScaler).
+
+Runs the real Runner in this process on the tiny synthetic config of test_engine_e2e (8 training
+images, batch 2: 4 iterations per epoch). NaNs are injected by a test-only model
+(``NaNInjectGFL``): a NaN loss term at chosen iterations, or a NaN gradient of one parameter
+(a tensor hook), at chosen iterations.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.logging import MessageHub
+
+from gfl_det import mm
+from gfl_det.checkpoint import capture_rng_state, load_untrusted
+from gfl_det.guard import NonFiniteLossError
+
+from test_engine_e2e import load_tool, scalars, write_tiny_config
+from test_engine_model import batch, small_model
+
+GRAD_PARAM = 'bbox_head.gfl_reg.bias'
+
+
+@mm.MODELS.register_module(name='NaNInjectGFL', force=True)
+class NaNInjectGFL(mm.GFLDetector):
+    """A GFLDetector whose loss term ``term`` is NaN at the (1-based) iterations ``nan_loss_at``
+    and whose gradient of ``grad_param`` is NaN at ``nan_grad_at`` (iteration = the
+    MessageHub's ``iter`` + 1, as in mmengine's logs)."""
+
+    def __init__(self, nan_loss_at=(), nan_grad_at=(), term='loss_dfl', grad_param=GRAD_PARAM,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.nan_loss_at, self.nan_grad_at, self.term = set(nan_loss_at), set(nan_grad_at), term
+        dict(self.named_parameters())[grad_param].register_hook(self._poison_grad)
+
+    @staticmethod
+    def _iteration():
+        it = MessageHub.get_current_instance().get_info('iter')
+        return None if it is None else it + 1
+
+    def _poison_grad(self, g):
+        return g * float('nan') if self._iteration() in self.nan_grad_at else g
+
+    def loss(self, *args, **kwargs):
+        losses = super().loss(*args, **kwargs)
+        if self._iteration() in self.nan_loss_at:
+            losses[self.term] = losses[self.term] * float('nan')
+        return losses
+
+
+class Recorder(Hook):
+    """Model state dict and optimizer state before and after every training iteration."""
+
+    priority = 'VERY_LOW'
+
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    @staticmethod
+    def _snap(runner):
+        return ({k: v.detach().clone() for k, v in runner.model.state_dict().items()},
+                copy.deepcopy(runner.optim_wrapper.optimizer.state_dict()['state']))
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self.before[runner.iter + 1] = self._snap(runner)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.after[runner.iter + 1] = self._snap(runner)
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp('rel_train') / 'synthetic'
+
+
+def tiny_cfg(tmp_path: Path, data_root: Path, max_epochs: int, model_extra: str = '',
+             extra: str = '') -> Path:
+    extra = (f"model = dict(type='NaNInjectGFL', {model_extra})\n" if model_extra else '') + extra
+    return write_tiny_config(tmp_path / 'tiny.py', data_root, max_epochs=max_epochs, extra=extra)
+
+
+def build_runner(cfg_path: Path, work_dir: Path, *args: str) -> mm.GFLRunner:
+    train = load_tool('train')
+    cfg = train.setup_cfg(train.parse_args([str(cfg_path), '--work-dir', str(work_dir), *args]))
+    return mm.GFLRunner.from_cfg(cfg)
+
+
+def log_text(work_dir: Path) -> str:
+    return '\n'.join(p.read_text() for p in sorted(work_dir.glob('*/*.log')))
+
+
+def states_equal(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def optim_state_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[i][k], b[i][k]) for i in a for k in a[i] if torch.is_tensor(a[i][k]))
+
+
+def test_nan_loss_and_nan_gradient_steps_are_skipped_counted_and_named(tmp_path, data_root):
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=2,
+                   model_extra='nan_loss_at=[3], nan_grad_at=[6]')
+    wd = tmp_path / 'work'
+    runner = build_runner(cfg, wd)
+    rec = Recorder()
+    runner.register_hook(rec)
+    runner.train()
+
+    guard = runner.optim_wrapper.guard
+    assert (guard.skipped, guard.consecutive, guard.max_consecutive) == (2, 0, 5)
+    assert runner.message_hub.get_scalar('train/nonfinite_skipped').current() == 2
+    # the log: one line per skipped step, naming the iteration and the term / the parameter
+    text = log_text(wd)
+    assert 'iteration 3: non-finite loss term(s) loss_dfl=nan; step skipped: no optimizer step, ' \
+           'gradients zeroed (1 skipped so far, 1 in a row, limit 5)' in text
+    assert ('iteration 6: non-finite gradient in 1 parameter(s): gradient of '
+            f'{GRAD_PARAM}; step skipped') in text
+    assert len(re.findall('step skipped', text)) == 2
+    # ... and the count in the logged scalars, from the first skip on
+    recs = {r['iter']: r for r in scalars(wd) if 'loss' in r}
+    assert [recs[i].get('nonfinite_skipped') for i in range(1, 9)] == [None, None, 1, 1, 1, 2, 2, 2]
+    # a skipped step's NaN loss is left out of the smoothed log values (else: NaN for 50 lines)
+    assert all(math.isfinite(r[k]) for r in recs.values()
+               for k in ('loss', 'loss_cls', 'loss_bbox', 'loss_dfl'))
+
+    # a skipped step leaves the model exactly as it was: weights, BN running statistics (the
+    # forward pass changed them: restored) and the optimizer's momentum
+    for it in (3, 6):
+        assert states_equal(rec.before[it][0], rec.after[it][0]), it
+        assert optim_state_equal(rec.before[it][1], rec.after[it][1]), it
+    for it in (2, 4, 7):  # ... while a normal step changes weights and BN statistics
+        b, a = rec.before[it][0], rec.after[it][0]
+        assert not torch.equal(b['bbox_head.gfl_cls.weight'], a['bbox_head.gfl_cls.weight'])
+        assert not torch.equal(b['backbone.bn1.running_mean'], a['backbone.bn1.running_mean'])
+    assert all(torch.isfinite(v).all() for v in runner.model.state_dict().values()
+               if v.is_floating_point())
+
+    # the count is part of the checkpoint (optimizer state), which still loads weights-only
+    ckpt = load_untrusted(wd / 'epoch_2.pth')
+    assert ckpt['optimizer']['nonfinite_guard'] == {'skipped': 2, 'consecutive': 0}
+    assert 'rng_state' in ckpt
+
+
+def test_consecutive_nonfinite_steps_stop_training_keeping_the_last_checkpoint(
+        tmp_path, data_root, capsys):
+    """Iterations 6, 7, 8 (epoch 2) have a NaN loss; max_consecutive=3: tools/train.py stops at
+    iteration 8 with exit status 3, naming epoch_1.pth; nothing is written for epoch 2."""
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=3, model_extra='nan_loss_at=[6, 7, 8]',
+                   extra="optim_wrapper = dict(nonfinite_guard=dict(max_consecutive=3))\n")
+    wd = tmp_path / 'work'
+    rc = load_tool('train').main([str(cfg), '--work-dir', str(wd)])
+    err = capsys.readouterr().err
+    assert rc == 3, err[-3000:]
+    assert 'error: training stopped: iteration 8: 3 consecutive steps with non-finite loss' in err
+    assert 'loss_dfl=nan' in err
+    assert f'The last good checkpoint is {wd / "epoch_1.pth"} (epoch 1, iteration 4)' in err
+    assert 'No checkpoint was written from the broken state' in err
+    assert 'The last good checkpoint is' in log_text(wd)  # the error is in the log file too
+    assert sorted(p.name for p in wd.glob('*.pth')) == ['best_coco_bbox_mAP_epoch_1.pth',
+                                                         'epoch_1.pth']
+    assert not list(wd.glob('.*.tmp'))
+    ckpt = load_untrusted(wd / 'epoch_1.pth')  # intact, loadable, finite
+    assert (ckpt['meta']['epoch'], ckpt['meta']['iter']) == (1, 4)
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+    # ... and training can go on from it
+    runner = build_runner(cfg, wd, '--resume', '--cfg-options', 'model.nan_loss_at=[]')
+    runner.train()
+    assert load_untrusted(wd / 'epoch_3.pth')['meta']['iter'] == 12
+
+
+class BreakWeights(Hook):
+    """Makes one weight infinite after the given iteration (a step that 'succeeded' with a
+    finite but huge gradient would do that)."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.iteration:
+            with torch.no_grad():
+                runner.model.bbox_head.gfl_cls.bias[0] = float('inf')
+
+
+def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, data_root):
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=2)
+    wd = tmp_path / 'work'
+    runner = build_runner(cfg, wd)
+    runner.register_hook(BreakWeights(8))  # epoch 2's last iteration, before its checkpoint
+    with pytest.raises(NonFiniteLossError, match=r"(?s)weights are not finite.*gfl_cls\.bias.*"
+                                                  r"epoch_2\.pth was NOT written.*"
+                                                  r"last good checkpoint is .*epoch_1\.pth"):
+        runner.train()
+    assert not (wd / 'epoch_2.pth').exists() and not list(wd.glob('.*.tmp'))
+
+
+# ------------------------------------------------------------------ the optim wrapper alone
+def _wrapper(model, **kw):
+    return mm.OPTIM_WRAPPERS.build(dict(kw, optimizer=torch.optim.SGD(model.parameters(), lr=0.01,
+                                                                      momentum=0.9)))
+
+
+def _model(**kw):
+    cfg = Config.fromfile(str(Path(__file__).resolve().parents[1] / 'configs' /
+                              'gfl_r18_synthetic.py'))
+    return mm.MODELS.build(dict(cfg.model, type='NaNInjectGFL', **kw))
+
+
+def test_amp_float16_overflow_is_the_grad_scalers_not_counted_twice():
+    """float16 AMP (GradScaler on): non-finite gradients are the scaler's (step skipped, scale
+    halved, no guard count); a NaN loss is the guard's (counted, scale untouched)."""
+    hub = MessageHub.get_current_instance()
+    model = _model(nan_loss_at=[2], nan_grad_at=[1])
+    ow = _wrapper(model, type='AmpOptimWrapper', dtype='float16', loss_scale=dict(init_scale=1024.))
+    assert ow.loss_scaler.is_enabled() and not ow._guard_grads
+    data = batch()
+    for it, (scale, skipped) in enumerate([(512., 0), (512., 1), (512., 1)], 1):
+        hub.update_info('iter', it - 1)
+        before = copy.deepcopy(model.state_dict())
+        model.train_step(data, ow)
+        assert (ow.loss_scaler.get_scale(), ow.guard.skipped) == (scale, skipped), it
+        after = model.state_dict()
+        params = [k for k, _ in model.named_parameters()]
+        # 1: the scaler skipped the step (weights kept; BN statistics of the forward pass kept,
+        # as with any GradScaler); 2: the guard skipped it (all kept); 3: a normal step
+        assert states_equal({k: before[k] for k in params}, after) == (it != 3), it
+        assert states_equal(before, after) == (it == 2), it
+    # bfloat16 (no loss scaling): the guard checks the gradients itself
+    model = _model(nan_grad_at=[1])
+    ow = _wrapper(model, type='AmpOptimWrapper', dtype='bfloat16')
+    hub.update_info('iter', 0)
+    model.train_step(data, ow)
+    assert ow.guard.skipped == 1 and ow._guard_grads
+
+
+def test_guard_can_be_turned_off_and_is_on_by_default():
+    model = _model(nan_loss_at=[1])
+    MessageHub.get_current_instance().update_info('iter', 0)
+    ow = _wrapper(model, type='OptimWrapper', nonfinite_guard=None)
+    assert ow.guard is None
+    model.train_step(batch(), ow)  # mmengine's behaviour: the NaN goes into the weights
+    assert not torch.isfinite(model.bbox_head.gfl_reg.weight).all()
+    assert _wrapper(small_model(), type='OptimWrapper').guard.max_consecutive == 5
+
+
+# ------------------------------------------------------------------ exact resume
+class StateAtStart(Hook):
+    """The random generators' and the GradScaler's states when training starts (after resume)."""
+
+    def before_train(self, runner):
+        self.rng = capture_rng_state()
+        self.scaler = dict(runner.optim_wrapper.loss_scaler.state_dict())
+
+
+def test_resume_restores_rng_and_grad_scaler_states(tmp_path, data_root):
+    amp = ("optim_wrapper = dict(type='AmpOptimWrapper', dtype='float16', "
+           "loss_scale=dict(init_scale=1024., growth_interval=3))\n")
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=1, extra=amp)
+    wd = tmp_path / 'work'
+    build_runner(cfg, wd).train()
+    ckpt = torch.load(wd / 'epoch_1.pth', weights_only=True)
+    saved = ckpt['optimizer']['loss_scaler']
+    assert saved['scale'] != 1024. or saved['_growth_tracker'] != 0  # it moved in 4 steps
+
+    runner = build_runner(cfg, wd, '--resume', '--cfg-options', 'train_cfg.max_epochs=2')
+    hook = StateAtStart()
+    runner.register_hook(hook)
+    runner.train()
+    assert hook.scaler == saved
+    rng = ckpt['rng_state']
+    assert hook.rng['python'] == rng['python'] and hook.rng['numpy']['pos'] == rng['numpy']['pos']
+    assert torch.equal(hook.rng['numpy']['keys'], rng['numpy']['keys'])
+    assert torch.equal(hook.rng['torch'], rng['torch'])
+    assert 'restored the random generator states (python, numpy, torch)' in log_text(wd)
+    # mmengine alone would have re-seeded: the saved states are not the seed's
+    torch.manual_seed(0)
+    assert not torch.equal(torch.get_rng_state(), rng['torch'])

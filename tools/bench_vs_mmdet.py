@@ -6,8 +6,10 @@
 
 Runs ../shared/mmdet_ref/bench_cpu.py (R50 GFL: train step 2 x 800 x 1216 with 10 gt, head
 loss with 10 / 100 gt, predict 1 x 800 x 1216) and the same workloads through
-tools/benchmark.py, then prints gfl_det / mmdet ratios (lower is faster). The machine may be
-shared: only ratios from the same run mean anything.
+tools/benchmark.py, then prints gfl_det / mmdet ratios (lower is faster). Extra rows: our
+inference with ``--compile`` and our train step / inference under bf16 autocast (marked: those
+compare our mixed precision with their fp32). The machine may be shared: only ratios from the
+same run on an otherwise idle machine mean anything.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile inference row")
+    p.add_argument("--skip-amp", action="store_true", help="leave out the bf16 rows (ours in bf16, theirs fp32)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     bench = SHARED / "mmdet_ref" / "bench_cpu.py"
@@ -49,22 +52,27 @@ def main(argv=None):
     mm = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     r = str(args.repeats)
     rows = []
+    train = ("--task", "train", "--batch", "2", "--shape", "800", "1216", "--num-gt", "10", "--iters", r, "--warmup", "1")
+    infer = ("--task", "infer", "--batch", "1", "--shape", "800", "1216", "--iters", r)
     if not args.skip_train:
-        t = ours(args.config, "--task", "train", "--batch", "2", "--shape", "800", "1216", "--num-gt", "10",
-                 "--iters", r, "--warmup", "1", threads=args.threads)
+        t = ours(args.config, *train, threads=args.threads)
         rows.append(("train step, 2 x 800x1216, 10 gt", t["median_s"], mm["train_step_s"]))
+        if not args.skip_amp:
+            t = ours(args.config, *train, "--amp", "bf16", threads=args.threads)
+            rows.append(("train step, `--amp` bf16 (theirs fp32)", t["median_s"], mm["train_step_s"]))
     for g in (10, 100):
         t = ours(args.config, "--task", "loss", "--batch", "2", "--shape", "800", "1216", "--num-gt", str(g),
                  "--iters", "7", "--warmup", "2", threads=args.threads)
         rows.append((f"head loss fwd+bwd, 2 images, {g} gt", t["median_s"], mm[f"head_loss_fwdbwd_s_gt{g}"]))
-    t = ours(args.config, "--task", "infer", "--batch", "1", "--shape", "800", "1216", "--iters", r, "--warmup", "1",
-             threads=args.threads)
+    t = ours(args.config, *infer, "--warmup", "1", threads=args.threads)
     rows.append(("inference incl. NMS, 1 x 800x1216", t["median_s"], mm["predict_s"]))
     if not args.skip_compile:
-        t = ours(args.config, "--task", "infer", "--compile", "--batch", "1", "--shape", "800", "1216", "--iters", r,
-                 "--warmup", "2", threads=args.threads)
+        t = ours(args.config, *infer, "--compile", "--warmup", "2", threads=args.threads)
         rows.append(("inference, `--compile` (after ~%.0f s compiling once)" % t["warmup_s"], t["median_s"],
                      mm["predict_s"]))
+    if not args.skip_amp:
+        t = ours(args.config, *infer, "--amp", "bf16", "--warmup", "1", threads=args.threads)
+        rows.append(("inference, bf16 autocast (theirs fp32)", t["median_s"], mm["predict_s"]))
     if args.markdown:
         print(f"| CPU, {args.threads} threads | gfl_det s | MMDetection s | ratio |\n|---|---:|---:|---:|")
         for name, a, b in rows:

@@ -42,7 +42,8 @@ from torch import nn
 __all__ = [
     'CheckpointError', 'UntrustedCheckpointError', 'CheckpointMismatchError', 'atomic_save',
     'load_trusted', 'load_untrusted', 'load_checkpoint', 'split_checkpoint', 'load_weights',
-    'find_latest_checkpoint', 'convert_to_weights', 'capture_rng_state', 'restore_rng_state',
+    'find_latest_checkpoint', 'remove_partial_saves', 'convert_to_weights', 'capture_rng_state',
+    'restore_rng_state',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -383,6 +384,31 @@ def find_latest_checkpoint(work_dir: PathLike, verify: bool = True,
                          f'{_first_line(e)}) -- probably truncated by an interrupted save; '
                          f'trying the previous one')
     return None
+
+
+_PARTIAL = re.compile(r'^\..+\.pth\.[^.]+\.tmp$')  # atomic_save's temp files: .NAME.XXXX.tmp
+
+
+def remove_partial_saves(work_dir: PathLike, logger: LogFn = None) -> list[str]:
+    """Delete the temp files that :func:`atomic_save` leaves behind when it is killed mid-save
+    (``.epoch_3.pth.k2j4d1.tmp``); they are never loaded, this only frees their space. Call it
+    only while no save can be running into ``work_dir`` (e.g. when a run resumes). Returns the
+    names removed."""
+    work_dir = os.fspath(work_dir)
+    if not os.path.isdir(work_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(work_dir)):
+        if _PARTIAL.match(name):
+            try:
+                os.unlink(os.path.join(work_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    if removed:
+        _log(logger, f'removed {len(removed)} partial checkpoint file(s) left by an interrupted '
+                     f'save in {work_dir}: {_head(removed)}', logging.INFO)
+    return removed
 
 
 def _read_last_checkpoint(work_dir: str) -> Optional[str]:

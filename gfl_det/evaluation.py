@@ -118,8 +118,16 @@ def _to_numpy(x: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
-def load_coco_gt(coco_gt: Union[COCO, str, os.PathLike]) -> COCO:
-    """A pycocotools COCO from a COCO object or an annotation-file path (clear errors)."""
+def load_coco_gt(coco_gt: Union[COCO, str, os.PathLike], logger: LogFn = None) -> COCO:
+    """A pycocotools COCO from a COCO object or an annotation-file path (clear errors).
+
+    Ground-truth annotations that pycocotools cannot evaluate at all -- ``bbox`` not a list of
+    4 numbers, or no ``image_id`` / ``category_id`` (COCOeval raises deep inside on those) --
+    are left out of a file that is read here, with a warning naming them; everything else
+    (boxes of zero size, NaN coordinates, unknown ids, ...) is kept exactly as pycocotools
+    would evaluate it. Missing ``area`` / ``iscrowd`` fields (COCOeval needs both) are filled
+    with ``w * h`` and 0, with a warning. ``tools/check_dataset.py`` reports all of them.
+    """
     if isinstance(coco_gt, COCO):
         return coco_gt
     path = os.fspath(coco_gt)
@@ -127,11 +135,44 @@ def load_coco_gt(coco_gt: Union[COCO, str, os.PathLike]) -> COCO:
     if not isinstance(data, dict) or 'images' not in data or 'categories' not in data:
         raise ValueError(f'annotation file {path!r} is not a COCO instances file '
                          f'(needs a JSON object with "images" and "categories")')
+    anns = data.get('annotations')
+    if isinstance(anns, list):
+        bad = [a for a in anns if not _evaluable_gt(a)]
+        if bad:
+            data = dict(data, annotations=[a for a in anns if _evaluable_gt(a)])
+            _log(logger, f'annotation file {path}: {len(bad)} ground-truth annotation(s) '
+                 'pycocotools cannot evaluate (bbox not 4 numbers, or no image_id / '
+                 'category_id) are left out of the evaluation: annotation ids '
+                 f'{_head([a.get("id", "?") if isinstance(a, Mapping) else "?" for a in bad])}; '
+                 f'fix them (tools/check_dataset.py {path} IMG_DIR lists every problem)',
+                 logging.WARNING)
+        # COCOeval reads 'area' and 'iscrowd' of every GT box: fill them where absent (area
+        # w * h, as pycocotools' loadRes does for detections; iscrowd 0)
+        anns = data['annotations']
+        lacking = [i for i, a in enumerate(anns) if 'area' not in a or 'iscrowd' not in a]
+        if lacking:
+            anns = list(anns)
+            for i in lacking:
+                a = anns[i]
+                anns[i] = dict(a, area=a.get('area', float(a['bbox'][2]) * float(a['bbox'][3])),
+                               iscrowd=a.get('iscrowd', 0))
+            data = dict(data, annotations=anns)
+            _log(logger, f'annotation file {path}: {len(lacking)} ground-truth annotation(s) '
+                 "without 'area' or 'iscrowd': evaluated with area = w * h, iscrowd = 0",
+                 logging.WARNING)
     gt = COCO()
     gt.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
+
+
+def _evaluable_gt(a: Any) -> bool:
+    if not isinstance(a, Mapping) or 'image_id' not in a or 'category_id' not in a:
+        return False
+    bbox = a.get('bbox')
+    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, numbers.Real) for v in bbox))
 
 
 def load_results(results: Union[str, os.PathLike, Sequence[Mapping]]) -> list[dict]:
@@ -213,7 +254,7 @@ def coco_evaluate(coco_gt: Union[COCO, str, os.PathLike],
         ValueError: results name an image or a category that is not in the GT, an img_id or
             cat_id that is not in the GT, or are malformed.
     """
-    gt = load_coco_gt(coco_gt)
+    gt = load_coco_gt(coco_gt, logger=logger)
     dets = load_results(results)
     failed_images = [str(f) for f in (failed_images or [])]
 
@@ -365,7 +406,7 @@ class CocoEvaluator:
     def __init__(self, coco_gt: Union[COCO, str, os.PathLike],
                  cat_ids: Optional[Sequence[int]] = None, classwise: bool = True,
                  logger: LogFn = None) -> None:
-        self.coco_gt = load_coco_gt(coco_gt)
+        self.coco_gt = load_coco_gt(coco_gt, logger=logger)
         self.cat_ids = ([int(c) for c in cat_ids] if cat_ids is not None
                         else sorted(self.coco_gt.getCatIds()))
         self.classwise = classwise

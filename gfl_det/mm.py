@@ -63,7 +63,7 @@ import mmengine
 from mmengine.dist import barrier, get_rank, master_only
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook, LoggerHook, RuntimeInfoHook
-from mmengine.logging import HistoryBuffer, MMLogger
+from mmengine.logging import HistoryBuffer, MessageHub, MMLogger
 from mmengine.model import BaseDataPreprocessor, BaseModel, is_model_wrapper
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 from mmengine import registry as mmreg
@@ -1017,6 +1017,23 @@ class GFLRunner(Runner):
                       'the broken state.',) + tuple(e.args[1:])
             self.logger.error(e.args[0])
             raise
+
+    # ------------------------------------------------------------------ logger
+    def build_logger(self, log_level: Union[int, str] = 'INFO', log_file: Optional[str] = None,
+                     **kwargs: Any) -> MMLogger:
+        """mmengine's, with a name of its own: mmengine names the logger and the MessageHub
+        after the config file and the second the run started, and ``get_instance`` hands back
+        an existing instance of that name -- so a second run of the same config started in the
+        same second of the same process (``tools/test.py`` after ``tools/train.py`` in a
+        notebook) would write into the first run's log file and share its MessageHub. A suffix
+        (``_2``, ``_3``, ...) keeps them apart."""
+        if 'name' not in kwargs and MMLogger.check_instance_created(self._experiment_name):
+            base, i = self._experiment_name, 2
+            while (MMLogger.check_instance_created(f'{base}_{i}')
+                   or MessageHub.check_instance_created(f'{base}_{i}')):
+                i += 1
+            self._experiment_name = f'{base}_{i}'
+        return super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
 
     # ------------------------------------------------------------------ CPU multi-process
     def setup_env(self, env_cfg: dict) -> None:

@@ -422,3 +422,28 @@ def test_coco128_perturbed_gt_equals_pycocotools(tmp_path):
     # class names come from the GT json, all 80 categories listed
     assert len(out['classwise']) == 80
     assert {r['name'] for r in out['classwise']} >= {'person', 'toothbrush'}
+
+
+def test_gt_pycocotools_cannot_evaluate_is_left_out_with_a_warning(files, tmp_path):
+    """A GT box that is not 4 numbers makes COCOeval raise deep inside; ours leaves it out
+    (named in a warning) and gives exactly pycocotools' numbers on the file without it. GT
+    without 'area' / 'iscrowd' (COCOeval reads both) is filled as w * h and 0."""
+    gt = json.loads(Path(files['ann']).read_text())
+    broken = copy.deepcopy(gt)
+    bad_id = 99999
+    broken['annotations'].append(dict(broken['annotations'][0], id=bad_id, bbox=[1, 2, 3]))
+    for a in broken['annotations'][:5]:
+        a.pop('area'), a.pop('iscrowd')
+    res = files['res']
+    with pytest.raises(Exception):   # pycocotools itself, on the broken file
+        pycocotools_stats(write_json(tmp_path / 'broken.json', broken), res)
+    clean = copy.deepcopy(gt)        # what the broken file means: the box gone, fields filled
+    for a in clean['annotations'][:5]:
+        a['area'], a['iscrowd'] = float(a['bbox'][2] * a['bbox'][3]), 0
+    ref, _ = pycocotools_stats(write_json(tmp_path / 'clean.json', clean), res)
+    logs = []
+    out = coco_evaluate(tmp_path / 'broken.json', res, logger=logs.append)
+    assert out['stats'] == ref
+    text = '\n'.join(logs)
+    assert f'left out of the evaluation: annotation ids {bad_id};' in text
+    assert "5 ground-truth annotation(s) without 'area' or 'iscrowd'" in text

@@ -285,3 +285,22 @@ def test_resume_restores_rng_and_grad_scaler_states(tmp_path, data_root):
     # mmengine alone would have re-seeded: the saved states are not the seed's
     torch.manual_seed(0)
     assert not torch.equal(torch.get_rng_state(), rng['torch'])
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_log_and_message_hub(
+        tmp_path, data_root, monkeypatch):
+    """mmengine names the logger and MessageHub after config + start second and reuses an
+    existing instance of that name: two runners in one process in the same second shared a
+    log file (test.py's numbers went into train.py's log). Ours get distinct names."""
+    import mmengine.runner.runner as mr
+    monkeypatch.setattr(mr.time, 'strftime', lambda fmt, t=None: '20261123_120000')
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=1)
+    a = build_runner(cfg, tmp_path / 'a')
+    b = build_runner(cfg, tmp_path / 'b')
+    assert a.experiment_name != b.experiment_name
+    assert a.logger is not b.logger and a.message_hub is not b.message_hub
+    a.logger.info('from run a')
+    b.logger.info('from run b')
+    la, lb = log_text(tmp_path / 'a'), log_text(tmp_path / 'b')
+    assert 'from run a' in la and 'from run b' not in la
+    assert 'from run b' in lb and 'from run a' not in lb

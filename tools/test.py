@@ -82,12 +82,17 @@ def setup_cfg(args) -> Config:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = setup_cfg(args)
+    from gfl_det.data import DatasetError
     from gfl_det.mm import GFLRunner
-    runner = GFLRunner.from_cfg(cfg)
-    if args.fuse_conv_bn or args.compile:
-        from gfl_det.apis import optimize_for_inference_hook
-        runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile))
-    metrics = runner.test()
+    try:
+        runner = GFLRunner.from_cfg(cfg)
+        if args.fuse_conv_bn or args.compile:
+            from gfl_det.apis import optimize_for_inference_hook
+            runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile))
+        metrics = runner.test()
+    except DatasetError as e:  # the message names the file and the fix
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     if runner.rank == 0 and metrics:
         runner.logger.info('test: ' + '  '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))
     return 0

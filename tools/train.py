@@ -99,14 +99,18 @@ def setup_cfg(args) -> Config:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = setup_cfg(args)
+    from gfl_det.data import DatasetError
     from gfl_det.guard import NonFiniteLossError
     from gfl_det.mm import GFLRunner
-    runner = GFLRunner.from_cfg(cfg)
     try:
+        runner = GFLRunner.from_cfg(cfg)
         runner.train()
     except NonFiniteLossError as e:  # already in the log; the message names the checkpoint
         print(f'error: training stopped: {e}', file=sys.stderr)
         return 3
+    except DatasetError as e:  # the message names the file and the fix
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     if runner.rank == 0:
         best = runner.message_hub.get_info('best_score')
         ckpt = runner.message_hub.get_info('best_ckpt')

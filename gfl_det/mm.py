@@ -204,7 +204,8 @@ class GFLDetector(GFL, BaseModel):
 
     def __init__(self, backbone: dict, neck: dict, bbox_head: dict, train_cfg: dict | None = None,
                  test_cfg: dict | None = None, data_preprocessor: dict | None = None,
-                 init_cfg: dict | None = None, class_names: Sequence[str] | None = None):
+                 init_cfg: dict | None = None, class_names: Sequence[str] | None = None,
+                 channels_last: bool = False):
         dp = dict(data_preprocessor or {})
         core = build_detector(dict(type='GFL', backbone=backbone, neck=neck, bbox_head=bbox_head,
                                    train_cfg=train_cfg, test_cfg=test_cfg, data_preprocessor=dp),
@@ -213,7 +214,8 @@ class GFLDetector(GFL, BaseModel):
         GFL.__init__(self, core.backbone, core.neck, core.bbox_head, core.train_cfg, core.test_cfg,
                      loss_weights=core.loss_weights, beta=core.beta,
                      octave_base_scale=core.octave_base_scale, class_names=core.class_names,
-                     mean=core.pixel_mean.flatten().tolist(), std=core.pixel_std.flatten().tolist())
+                     mean=core.pixel_mean.flatten().tolist(), std=core.pixel_std.flatten().tolist(),
+                     channels_last=channels_last)
         dp.setdefault('type', 'DetDataPreprocessor')
         self.data_preprocessor = MODELS.build(dp)
 

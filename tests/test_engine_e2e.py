@@ -193,3 +193,20 @@ def test_test_tool_loads_mmdet_model_zoo_format(trained, tmp_path):
          '--cfg-options', 'experiment_name=strict_load'])))
     with pytest.raises(CheckpointMismatchError, match='gfl_cls.bias'):
         runner.test()
+
+
+def test_test_tool_channels_last_gives_the_same_numbers(trained, tmp_path):
+    """--channels-last (NHWC weights and batches) evaluates to the validation numbers: the same
+    arithmetic in another layout (float summation order aside, which does not move the mAP)."""
+    from gfl_det.mm import GFLRunner
+    test_tool = load_tool('test')
+    wd = trained['work_dir']
+    args = test_tool.parse_args([str(trained['cfg']), str(wd / 'epoch_2.pth'), '--work-dir',
+                                 str(tmp_path / 'cl'), '--channels-last'])
+    runner = GFLRunner.from_cfg(test_tool.setup_cfg(args))
+    metrics = runner.test()
+    assert runner.model.channels_last
+    assert runner.model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    val = [r for r in scalars(wd) if 'coco/bbox_mAP' in r][-1]
+    for k in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_AR@100'):
+        assert metrics[k] == pytest.approx(val[k], abs=1e-3), k

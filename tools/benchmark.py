@@ -114,9 +114,8 @@ def run(args) -> dict:
     elif args.task != "train":
         realistic_head_init_(model, g)
     model.to(device)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.channels_last = True  # NHWC weights; preprocess gives NHWC batches
     if args.task == "infer":
         from gfl_det.models import compile_for_inference, fuse_for_inference
         if args.compile:  # what tools/test.py --compile and init_detector(compile=True) do
@@ -149,7 +148,7 @@ def run(args) -> dict:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
         def step():
-            x = model.preprocess(images, metas).contiguous(memory_format=fmt)
+            x = model.preprocess(images, metas)
             with autocast():
                 losses = model.loss(x, *gt, metas)
             opt.zero_grad(set_to_none=True)
@@ -161,14 +160,14 @@ def run(args) -> dict:
 
         @torch.no_grad()
         def step():
-            x = model.preprocess(images, metas).contiguous(memory_format=fmt)
+            x = model.preprocess(images, metas)
             with autocast():
                 preds = model.predict(x, metas)
             return preds
     else:
         model.train()
         with torch.no_grad(), autocast():
-            cls, reg = model(model.preprocess(images, metas).contiguous(memory_format=fmt))
+            cls, reg = model(model.preprocess(images, metas))
         cls = [c.detach().requires_grad_() for c in cls]
         reg = [r.detach().requires_grad_() for r in reg]
 

@@ -28,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument('--device', default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda if "
                                                    'available)')
     p.add_argument('--score-thr', type=float, default=0.3, help='draw boxes scoring at least this')
+    p.add_argument('--channels-last', action='store_true',
+                   help='run the network in the NHWC memory layout (model.channels_last): same '
+                        'detections, faster convolutions on a CPU (see README, Speed)')
     p.add_argument('--fuse-conv-bn', action='store_true',
                    help='fold the backbone BatchNorms into its convs (same detections, a little faster)')
     p.add_argument('--compile', action='store_true',
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
         cfg_options = ns.o
     model = init_detector(args.config, args.checkpoint, device=device, cfg_options=cfg_options,
                           trusted=args.trust_checkpoint, fuse_conv_bn=args.fuse_conv_bn,
-                          compile=args.compile)
+                          compile=args.compile, channels_last=args.channels_last)
     for path in list_images(args.inputs):
         img = load_image(path)
         res = inference_detector(model, img, channel_order='rgb')

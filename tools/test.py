@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument('--show-dir', help='write every test image with its predictions drawn here')
     p.add_argument('--score-thr', type=float, default=0.3, help='--show-dir: draw boxes scoring '
                                                                 'at least this')
+    p.add_argument('--channels-last', action='store_true',
+                   help='run the network in the NHWC memory layout (model.channels_last): same '
+                        'detections, faster convolutions on a CPU (see README, Speed)')
     p.add_argument('--fuse-conv-bn', action='store_true',
                    help='fold the backbone BatchNorms into its convs (same results, a little faster)')
     p.add_argument('--compile', action='store_true',
@@ -60,6 +63,8 @@ def setup_cfg(args) -> Config:
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
+    if args.channels_last:
+        cfg.model.channels_last = True
     cfg.resume = False
     cfg.load_from_trusted = bool(args.trust_checkpoint)
     cfg.load_from_strict = True  # evaluate the checkpoint as it is, or fail saying what differs

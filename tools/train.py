@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'float16', 'bfloat16'],
                    help='mixed precision (AmpOptimWrapper); alone: float16 on CUDA, '
                         'bfloat16 on the CPU')
+    p.add_argument('--channels-last', action='store_true',
+                   help='weights and batches in the NHWC memory layout (model.channels_last=True); '
+                        'same results to float rounding (see README, Speed)')
     p.add_argument('--auto-scale-lr', action='store_true',
                    help='scale lr by total batch size / auto_scale_lr.base_batch_size (16)')
     p.add_argument('--seed', type=int, help='random seed (overrides the config)')
@@ -72,6 +75,9 @@ def setup_cfg(args) -> Config:
         ow.type = 'AmpOptimWrapper'
         ow.dtype = None if args.amp == 'auto' else args.amp
         ow.setdefault('loss_scale', 'dynamic')
+
+    if args.channels_last:
+        cfg.model.channels_last = True
 
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:

@@ -47,7 +47,7 @@ class _QFLSum(torch.autograd.Function):
     s^2 < 1e-13), so no loss or gradient changes measurably. The positives use the exact ops.
     """
 
-    CHUNK = 1 << 16  # elements per chunk
+    CHUNK = 1 << 17  # elements per chunk (512 KiB of float32: 1 << 16..18 measured, this fastest)
 
     @staticmethod
     def forward(ctx, logits: Tensor, valid: Tensor, pos_index: Tensor, pos_target: Tensor,

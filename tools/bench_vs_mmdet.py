@@ -57,6 +57,8 @@ def main(argv=None):
     if not args.skip_train:
         t = ours(args.config, *train, threads=args.threads)
         rows.append(("train step, 2 x 800x1216, 10 gt", t["median_s"], mm["train_step_s"]))
+        t = ours(args.config, *train, "--channels-last", threads=args.threads)
+        rows.append(("train step, `--channels-last`", t["median_s"], mm["train_step_s"]))
         if not args.skip_amp:
             t = ours(args.config, *train, "--amp", "bf16", threads=args.threads)
             rows.append(("train step, `--amp` bf16 (theirs fp32)", t["median_s"], mm["train_step_s"]))
@@ -65,7 +67,9 @@ def main(argv=None):
                  "--iters", "7", "--warmup", "2", threads=args.threads)
         rows.append((f"head loss fwd+bwd, 2 images, {g} gt", t["median_s"], mm[f"head_loss_fwdbwd_s_gt{g}"]))
     t = ours(args.config, *infer, "--warmup", "1", threads=args.threads)
-    rows.append(("inference incl. NMS, 1 x 800x1216", t["median_s"], mm["predict_s"]))
+    rows.append(("inference incl. NMS, 1 x 800x1216 (BN folded)", t["median_s"], mm["predict_s"]))
+    t = ours(args.config, *infer, "--channels-last", "--warmup", "1", threads=args.threads)
+    rows.append(("inference, `--channels-last`", t["median_s"], mm["predict_s"]))
     if not args.skip_compile:
         t = ours(args.config, *infer, "--compile", "--warmup", "2", threads=args.threads)
         rows.append(("inference, `--compile` (after ~%.0f s compiling once)" % t["warmup_s"], t["median_s"],

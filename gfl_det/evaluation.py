@@ -137,9 +137,10 @@ def load_coco_gt(coco_gt: Union[COCO, str, os.PathLike], logger: LogFn = None) -
                          f'(needs a JSON object with "images" and "categories")')
     anns = data.get('annotations')
     if isinstance(anns, list):
-        bad = [a for a in anns if not _evaluable_gt(a)]
+        ok = [_evaluable_gt(a) for a in anns]
+        bad = [a for a, k in zip(anns, ok) if not k]
         if bad:
-            data = dict(data, annotations=[a for a in anns if _evaluable_gt(a)])
+            data = dict(data, annotations=[a for a, k in zip(anns, ok) if k])
             _log(logger, f'annotation file {path}: {len(bad)} ground-truth annotation(s) '
                  'pycocotools cannot evaluate (bbox not 4 numbers, or no image_id / '
                  'category_id) are left out of the evaluation: annotation ids '

@@ -22,7 +22,7 @@ import torch
 from . import data as gdata
 
 __all__ = ['init_detector', 'inference_detector', 'draw_detections', 'build_test_transforms',
-           'optimize_for_inference']
+           'optimize_for_inference', 'add_inference_args']
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -115,6 +115,21 @@ def optimize_for_inference(model, fuse_conv_bn: bool = True, compile: bool = Fal
     elif fuse_conv_bn:
         fuse_for_inference(model)
     return model
+
+
+def add_inference_args(parser) -> None:
+    """The inference-speed flags of tools/test.py and tools/demo.py: ``--channels-last``,
+    ``--fuse-conv-bn``, ``--compile`` (argparse; see :func:`init_detector`)."""
+    parser.add_argument('--channels-last', action='store_true',
+                        help='run the network in the NHWC memory layout (model.channels_last): '
+                             'same detections, faster convolutions on a CPU (see README, Speed)')
+    parser.add_argument('--fuse-conv-bn', action='store_true',
+                        help='fold the backbone BatchNorms into its convs (same detections, a '
+                             'little faster)')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile backbone + neck + head (implies --fuse-conv-bn): '
+                             '~20-50 s to compile once, then faster on every image; worth it for '
+                             'many images (see README, Speed)')
 
 
 def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False):

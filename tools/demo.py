@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from gfl_det.apis import add_inference_args  # noqa: E402
+
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -28,14 +30,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda if "
                                                    'available)')
     p.add_argument('--score-thr', type=float, default=0.3, help='draw boxes scoring at least this')
-    p.add_argument('--channels-last', action='store_true',
-                   help='run the network in the NHWC memory layout (model.channels_last): same '
-                        'detections, faster convolutions on a CPU (see README, Speed)')
-    p.add_argument('--fuse-conv-bn', action='store_true',
-                   help='fold the backbone BatchNorms into its convs (same detections, a little faster)')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile the network (implies --fuse-conv-bn): ~20 s once, then faster; '
-                        'worth it for a folder of images')
+    add_inference_args(p)
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='the checkpoint is a full training checkpoint from a source you trust '
                         '(unpickled with weights_only=False)')

@@ -21,6 +21,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
+from gfl_det.apis import add_inference_args  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='COCO evaluation of a GFL checkpoint')
@@ -32,14 +34,7 @@ def parse_args(argv=None):
     p.add_argument('--show-dir', help='write every test image with its predictions drawn here')
     p.add_argument('--score-thr', type=float, default=0.3, help='--show-dir: draw boxes scoring '
                                                                 'at least this')
-    p.add_argument('--channels-last', action='store_true',
-                   help='run the network in the NHWC memory layout (model.channels_last): same '
-                        'detections, faster convolutions on a CPU (see README, Speed)')
-    p.add_argument('--fuse-conv-bn', action='store_true',
-                   help='fold the backbone BatchNorms into its convs (same results, a little faster)')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile backbone + neck + head (implies --fuse-conv-bn): ~20 s to '
-                        'compile once, then faster on every image (see README, Speed)')
+    add_inference_args(p)
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='unpickle the checkpoint fully (weights_only=False): only for files '
                         'from a source you trust')

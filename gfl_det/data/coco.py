@@ -283,9 +283,7 @@ class CocoDataset(Dataset):
             try:
                 results = self.load_results(idx)
             except BadImageError as e:
-                name = str(self._names[idx])
-                self.skipped.add(e.reason, name)
-                self._load_failed.append(name)
+                self._count_bad(idx, e)
                 self._bad_idx[idx] = e.reason
                 logger.warning('image failed to load; it is counted and left out of the '
                                'evaluation: %s', e)
@@ -302,9 +300,7 @@ class CocoDataset(Dataset):
             try:
                 results = self.load_results(idx)
             except BadImageError as e:
-                name = str(self._names[idx])
-                self.skipped.add(e.reason, name)
-                self._load_failed.append(name)
+                name = self._count_bad(idx, e)
                 if self.on_bad_image != 'resample':
                     raise
                 logger.warning('bad image skipped in training, another one is used instead: %s',
@@ -321,6 +317,13 @@ class CocoDataset(Dataset):
         raise DatasetError(f'{len(replaced)} bad images in a row in {self.ann_file} (last: '
                            f'{replaced[-1][1]}: {replaced[-1][0]}); too many to go on. fix: run '
                            'tools/check_dataset.py ANN_FILE IMG_DIR and repair the dataset')
+
+    def _count_bad(self, idx: int, e: BadImageError) -> str:
+        """Count image ``idx`` that failed to load (``skipped`` and ``failed_images``); its name."""
+        name = str(self._names[idx])
+        self.skipped.add(e.reason, name)
+        self._load_failed.append(name)
+        return name
 
     def _other_index(self) -> int:
         """A random index not known to be bad (numpy's per-worker seeded generator)."""

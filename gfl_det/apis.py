@@ -55,7 +55,7 @@ def build_test_transforms(cfg) -> gdata.Compose:
 def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
                   device: str = 'cpu', cfg_options: Optional[dict] = None,
                   trusted: bool = False, fuse_conv_bn: bool = False, compile: bool = False,
-                  channels_last: bool = False):
+                  channels_last: bool = False, winograd: bool = False):
     """Build the detector of ``config`` and load ``checkpoint`` (weights only).
 
     Args:
@@ -72,6 +72,9 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
             image pays ~20 s of compilation, every later one runs faster (measured in README).
         channels_last: weights and inputs in the NHWC layout (``model.channels_last``): the
             same detections to float rounding, ~25 % faster R50 inference on a CPU.
+        winograd: run the 3x3 stride-1 convs of CPU batch-1 inference as NNPACK Winograd
+            (:func:`gfl_det.models.use_winograd`): fewer multiplications, float32 rounding
+            ~1e-5 of the outputs instead of ~1e-7; not with ``channels_last`` or ``compile``.
 
     Returns:
         the model (a :class:`gfl_det.models.GFL`) in eval mode on ``device``, with ``.cfg``,
@@ -79,6 +82,7 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
     """
     from .checkpoint import load_weights
     from .mm import GFLDetector
+    check_inference_flags(channels_last=channels_last, compile=compile, winograd=winograd)
     cfg = _load_config(config, cfg_options)
     model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
     if model_cfg.pop('type', 'GFL') != 'GFL':
@@ -103,23 +107,36 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
     model.cfg = cfg
     model.test_transforms = build_test_transforms(cfg)
     model = model.to(device).eval()
-    optimize_for_inference(model, fuse_conv_bn=fuse_conv_bn, compile=compile)
+    optimize_for_inference(model, fuse_conv_bn=fuse_conv_bn, compile=compile, winograd=winograd)
     return model
 
 
-def optimize_for_inference(model, fuse_conv_bn: bool = True, compile: bool = False):
-    """BN folding and/or ``torch.compile`` of a loaded model, in place, for inference only."""
-    from .models import compile_for_inference, fuse_for_inference
+def check_inference_flags(channels_last: bool = False, compile: bool = False, winograd: bool = False) -> None:
+    """Refuse flag combinations that would silently do nothing: NNPACK's Winograd kernels take
+    NCHW float32 tensors in eager mode, so ``winograd`` excludes ``channels_last`` and ``compile``."""
+    if winograd and (channels_last or compile):
+        other = '--channels-last' if channels_last else '--compile'
+        raise ValueError(f'--winograd cannot be combined with {other}: the Winograd kernels take NCHW '
+                         f'tensors outside torch.compile; pick one (README, Speed, compares them)')
+
+
+def optimize_for_inference(model, fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False):
+    """BN folding, ``torch.compile`` or Winograd convolutions for a loaded model, in place, for
+    inference only."""
+    from .models import compile_for_inference, fuse_for_inference, use_winograd
+    check_inference_flags(channels_last=getattr(model, 'channels_last', False), compile=compile, winograd=winograd)
     if compile:
         compile_for_inference(model)
-    elif fuse_conv_bn:
+    elif fuse_conv_bn or winograd:
         fuse_for_inference(model)
+    if winograd:
+        use_winograd(model)
     return model
 
 
 def add_inference_args(parser) -> None:
     """The inference-speed flags of tools/test.py and tools/demo.py: ``--channels-last``,
-    ``--fuse-conv-bn``, ``--compile`` (argparse; see :func:`init_detector`)."""
+    ``--fuse-conv-bn``, ``--compile``, ``--winograd`` (argparse; see :func:`init_detector`)."""
     parser.add_argument('--channels-last', action='store_true',
                         help='run the network in the NHWC memory layout (model.channels_last): '
                              'same detections, faster convolutions on a CPU (see README, Speed)')
@@ -130,9 +147,13 @@ def add_inference_args(parser) -> None:
                         help='torch.compile backbone + neck + head (implies --fuse-conv-bn): '
                              '~20-50 s to compile once, then faster on every image; worth it for '
                              'many images (see README, Speed)')
+    parser.add_argument('--winograd', action='store_true',
+                        help='CPU, one image per batch: 3x3 convs as Winograd (NNPACK; implies '
+                             '--fuse-conv-bn): fewer multiplications, float32 rounding ~1e-5 of the '
+                             'outputs instead of ~1e-7 (see README, Speed)')
 
 
-def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False):
+def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False):
     """An mmengine hook for tools/test.py that fuses / compiles the model once its weights are
     loaded (``before_test`` runs after the Runner has loaded ``load_from``)."""
     from mmengine.hooks import Hook
@@ -141,8 +162,9 @@ def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False
     class OptimizeForInferenceHook(Hook):
         def before_test(self, runner) -> None:
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-            optimize_for_inference(model, fuse_conv_bn, compile)
-            runner.logger.info(f'inference model: fuse_conv_bn={fuse_conv_bn or compile}, compile={compile}')
+            optimize_for_inference(model, fuse_conv_bn, compile, winograd)
+            runner.logger.info(f'inference model: fuse_conv_bn={fuse_conv_bn or compile or winograd}, '
+                               f'compile={compile}, winograd={winograd}')
 
     return OptimizeForInferenceHook()
 

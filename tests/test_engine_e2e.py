@@ -210,3 +210,30 @@ def test_test_tool_channels_last_gives_the_same_numbers(trained, tmp_path):
     val = [r for r in scalars(wd) if 'coco/bbox_mAP' in r][-1]
     for k in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_AR@100'):
         assert metrics[k] == pytest.approx(val[k], abs=1e-3), k
+
+
+def test_test_tool_winograd_gives_the_same_numbers(trained, tmp_path, monkeypatch):
+    """--winograd (NNPACK Winograd 3x3 convs, one image per batch) evaluates to the validation
+    numbers: its float32 rounding (~1e-5 of the outputs) does not move the mAP."""
+    from gfl_det.apis import optimize_for_inference_hook
+    from gfl_det.mm import GFLRunner
+    from gfl_det.models import WinogradConv2d, winograd_available
+    if not winograd_available():
+        pytest.skip('this torch build has no NNPACK')
+    monkeypatch.setattr(WinogradConv2d, 'min_pixels', 0)  # the tiny maps here: use it everywhere
+    calls = []
+    orig = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, '_nnpack_spatial_convolution', lambda *a: calls.append(1) or orig(*a))
+    test_tool = load_tool('test')
+    wd = trained['work_dir']
+    args = test_tool.parse_args([str(trained['cfg']), str(wd / 'epoch_2.pth'), '--work-dir',
+                                 str(tmp_path / 'wino'), '--winograd',
+                                 '--cfg-options', 'test_dataloader.batch_size=1'])
+    runner = GFLRunner.from_cfg(test_tool.setup_cfg(args))
+    runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile, args.winograd))
+    metrics = runner.test()
+    assert any(type(m) is WinogradConv2d for m in runner.model.modules())
+    assert len(calls) >= 4 * 10   # 4 images, every 3x3 stride-1 conv of each
+    val = [r for r in scalars(wd) if 'coco/bbox_mAP' in r][-1]
+    for k in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_AR@100'):
+        assert metrics[k] == pytest.approx(val[k], abs=1e-3), k

@@ -47,6 +47,11 @@ def parse_args(argv=None):
                         "tools/test.py --compile); train/loss: torch.compile of backbone, neck and head. "
                         "The compilation falls in the warm-up (reported as warmup_s)")
     p.add_argument("--no-fuse", action="store_true", help="infer: keep BN separate (default folds it into convs)")
+    p.add_argument("--winograd", action="store_true",
+                   help="infer: 3x3 stride-1 convs as NNPACK Winograd (CPU, batch 1; as tools/test.py --winograd)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default mmap/trim thresholds (the tools otherwise keep freed memory "
+                        "mapped: gfl_det/malloc.py); shows what that setting is worth")
     p.add_argument("--checkpoint", help="weights to load (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +104,9 @@ def peak_mem_mb(device) -> float:
 def run(args) -> dict:
     from mmengine.config import Config
 
+    from gfl_det.malloc import describe, retain_freed_memory
+    if not args.system_malloc:
+        retain_freed_memory()  # as tools/train.py and tools/test.py do
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -117,11 +125,11 @@ def run(args) -> dict:
     if args.channels_last:
         model.channels_last = True  # NHWC weights; preprocess gives NHWC batches
     if args.task == "infer":
-        from gfl_det.models import compile_for_inference, fuse_for_inference
-        if args.compile:  # what tools/test.py --compile and init_detector(compile=True) do
-            compile_for_inference(model)
-        elif not args.no_fuse:
-            fuse_for_inference(model)
+        from gfl_det.apis import optimize_for_inference
+        # what tools/test.py --compile / --winograd / --fuse-conv-bn and init_detector do
+        optimize_for_inference(model, fuse_conv_bn=not args.no_fuse, compile=args.compile, winograd=args.winograd)
+    elif args.winograd:
+        raise SystemExit("error: --winograd is an inference option (--task infer)")
     elif args.compile:
         model.backbone = torch.compile(model.backbone)
         model.neck = torch.compile(model.neck)
@@ -189,7 +197,8 @@ def run(args) -> dict:
     med = statistics.median(times)
     res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
-               compile=args.compile, fused_bn=args.task == "infer" and (args.compile or not args.no_fuse), threads=torch.get_num_threads(), torch=torch.__version__,
+               compile=args.compile, fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
+               winograd=args.winograd, malloc=describe(), threads=torch.get_num_threads(), torch=torch.__version__,
                iters=args.iters, warmup_s=round(warmup_s, 3), median_s=med, min_s=min(times), max_s=max(times),
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))
     if device.type == "cuda":
@@ -207,7 +216,8 @@ def main(argv=None):
     else:
         print(f"{res['task']} on {res['device']} ({res['threads']} threads), batch {res['batch']} x "
               f"{res['shape'][0]}x{res['shape'][1]}, {res['num_gt']} gt, amp={res['amp']}, "
-              f"channels_last={res['channels_last']}, compile={res['compile']}")
+              f"channels_last={res['channels_last']}, compile={res['compile']}, winograd={res['winograd']}")
+        print(f"  {res['malloc']}")
         print(f"  median {res['median_s']:.4f} s/iter  (min {res['min_s']:.4f}, max {res['max_s']:.4f}, "
               f"{res['iters']} iters after {args.warmup} warm-up)")
         print(f"  {res['images_per_s']:.2f} images/s, peak memory {res['peak_mem_mb']:.0f} MB")

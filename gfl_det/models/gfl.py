@@ -144,17 +144,19 @@ class GFL(nn.Module):
         B, G = gt_valid.shape
         R, C = self.reg_max, self.num_classes
         priors, valid, asg = self.assign(cls_scores, gt_boxes, gt_valid, metas)
-        cls = flatten_cls(cls_scores).float()  # (B, A, C)
+        # class logits stay per level (B, C, H, W): QFL and the positives' rows read them there
+        cls_levels = [c.float() for c in cls_scores]
         reg = flatten_reg(bbox_preds, R).float()  # (B, A, 4, R+1)
         gt_boxes = torch.where(gt_valid[..., None], gt_boxes.float(), gt_boxes.new_zeros(()).float())
         labels = torch.where(gt_valid, gt_labels, torch.zeros_like(gt_labels))
 
         # positives live on candidate slots (B, G, K): rows of the flattened (B * A) priors
         pos = asg.pos  # (B, G, K)
-        posf = pos.to(cls.dtype)
+        posf = pos.to(reg.dtype)
         idx = asg.cand_idx
-        A, K = cls.shape[1], idx.shape[2]
-        rows = (torch.arange(B, device=cls.device)[:, None, None] * A + idx).view(-1)
+        A, K = reg.shape[1], idx.shape[2]
+        img = torch.arange(B, device=reg.device)[:, None, None].expand(B, G, K).reshape(-1)
+        rows = img * A + idx.reshape(-1)
         reg_slot = reg.reshape(B * A, 4, R + 1).index_select(0, rows).view(B, G, K, 4, R + 1)
         stride = priors.strides[idx][..., None]  # (B, G, K, 1)
         centre = priors.points[idx] / stride
@@ -163,12 +165,14 @@ class GFL(nn.Module):
         tgt_box = gt_boxes[:, :, None, :] / stride
         with torch.no_grad():
             q = aligned_iou(pred_box.detach(), tgt_box)  # QFL quality target
-            w = cls.detach().reshape(B * A, C).index_select(0, rows).amax(-1).sigmoid().view(B, G, K) * posf
 
-        # QFL: dense negatives over every valid prior and class + the positives at their class
-        pos_elem = rows.view(B, G, K) * C + labels[:, :, None]  # index into cls.view(-1)
-        loss_cls_sum = qfl_sum(cls, valid, pos_elem.view(-1), q.view(-1), posf.view(-1), self.beta)
-        qfl_avg = pos.flatten(1).sum(1).clamp(min=1).sum().to(cls.dtype)  # a tensor: no host sync
+        # QFL: dense negatives over every valid prior and class + the positives at their class;
+        # the same pass gives every prior's largest class logit for the box losses' weights
+        pos_cls = labels[:, :, None].expand(B, G, K).reshape(-1)
+        loss_cls_sum, prior_max = qfl_sum(cls_levels, valid, img, idx.reshape(-1), pos_cls, q.view(-1), posf.view(-1),
+                                          self.beta)
+        w = prior_max.gather(1, idx.view(B, G * K)).sigmoid().view(B, G, K) * posf  # detached
+        qfl_avg = pos.flatten(1).sum(1).clamp(min=1).sum().to(reg.dtype)  # a tensor: no host sync
 
         w_sum = w.sum()
         bbox_avg = w_sum.clamp(min=1)

@@ -7,8 +7,9 @@
 Runs ../shared/mmdet_ref/bench_cpu.py (R50 GFL: train step 2 x 800 x 1216 with 10 gt, head
 loss with 10 / 100 gt, predict 1 x 800 x 1216) and the same workloads through
 tools/benchmark.py, then prints gfl_det / mmdet ratios (lower is faster). Extra rows: our
-inference with ``--compile`` and our train step / inference under bf16 autocast (marked: those
-compare our mixed precision with their fp32). The machine may be shared: only ratios from the
+options (``--channels-last``, ``--winograd``, ``--compile``), our defaults without the kept
+freed memory (``--system-malloc``, gfl_det/malloc.py), and our train step / inference under bf16
+autocast (marked: those compare our mixed precision with their fp32). The machine may be shared: only ratios from the
 same run on an otherwise idle machine mean anything.
 """
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main(argv=None):
         rows.append(("train step, 2 x 800x1216, 10 gt", t["median_s"], mm["train_step_s"]))
         t = ours(args.config, *train, "--channels-last", threads=args.threads)
         rows.append(("train step, `--channels-last`", t["median_s"], mm["train_step_s"]))
+        t = ours(args.config, *train, "--system-malloc", threads=args.threads)
+        rows.append(("train step, `--system-malloc` (glibc defaults)", t["median_s"], mm["train_step_s"]))
         if not args.skip_amp:
             t = ours(args.config, *train, "--amp", "bf16", threads=args.threads)
             rows.append(("train step, `--amp` bf16 (theirs fp32)", t["median_s"], mm["train_step_s"]))
@@ -70,6 +73,10 @@ def main(argv=None):
     rows.append(("inference incl. NMS, 1 x 800x1216 (BN folded)", t["median_s"], mm["predict_s"]))
     t = ours(args.config, *infer, "--channels-last", "--warmup", "1", threads=args.threads)
     rows.append(("inference, `--channels-last`", t["median_s"], mm["predict_s"]))
+    t = ours(args.config, *infer, "--winograd", "--warmup", "1", threads=args.threads)
+    rows.append(("inference, `--winograd`", t["median_s"], mm["predict_s"]))
+    t = ours(args.config, *infer, "--system-malloc", "--warmup", "1", threads=args.threads)
+    rows.append(("inference, `--system-malloc` (glibc defaults)", t["median_s"], mm["predict_s"]))
     if not args.skip_compile:
         t = ours(args.config, *infer, "--compile", "--warmup", "2", threads=args.threads)
         rows.append(("inference, `--compile` (after ~%.0f s compiling once)" % t["warmup_s"], t["median_s"],

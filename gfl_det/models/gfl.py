@@ -142,7 +142,7 @@ class GFL(nn.Module):
     def _loss_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], gt_boxes: Tensor,
                       gt_labels: Tensor, gt_valid: Tensor, metas: Sequence[dict]) -> dict[str, Tensor]:
         B, G = gt_valid.shape
-        R, C = self.reg_max, self.num_classes
+        R = self.reg_max
         priors, valid, asg = self.assign(cls_scores, gt_boxes, gt_valid, metas)
         # class logits stay per level (B, C, H, W): QFL and the positives' rows read them there
         cls_levels = [c.float() for c in cls_scores]

@@ -153,6 +153,17 @@ def add_inference_args(parser) -> None:
                              'outputs instead of ~1e-7 (see README, Speed)')
 
 
+def parse_inference_args(parser, argv=None):
+    """``parser.parse_args(argv)`` for a parser with :func:`add_inference_args`, refusing flag
+    combinations :func:`check_inference_flags` rejects as an argparse error (message, exit 2)."""
+    args = parser.parse_args(argv)
+    try:
+        check_inference_flags(channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
 def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False):
     """An mmengine hook for tools/test.py that fuses / compiles the model once its weights are
     loaded (``before_test`` runs after the Runner has loaded ``load_from``)."""

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from gfl_det.apis import add_inference_args  # noqa: E402
+from gfl_det.apis import add_inference_args, parse_inference_args  # noqa: E402
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
                    help='the checkpoint is a full training checkpoint from a source you trust '
                         '(unpickled with weights_only=False)')
     p.add_argument('--cfg-options', nargs='+', default=None, help='config overrides, key=value')
-    return p.parse_args(argv)
+    return parse_inference_args(p, argv)
 
 
 def list_images(path: str) -> list[str]:
@@ -55,14 +55,9 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import DictAction  # noqa: F401  (parses like train.py's)
 
-    from gfl_det.apis import check_inference_flags, draw_detections, inference_detector, init_detector, save_image
+    from gfl_det.apis import draw_detections, inference_detector, init_detector, save_image
     from gfl_det.data import load_image
     from gfl_det.malloc import retain_freed_memory
-    try:
-        check_inference_flags(channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
     retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cfg_options = None

@@ -21,7 +21,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from gfl_det.apis import add_inference_args  # noqa: E402
+from gfl_det.apis import add_inference_args, parse_inference_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,7 +42,7 @@ def parse_args(argv=None):
                    help='override config keys, e.g. test_dataloader.batch_size=4')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_inference_args(p, argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -81,13 +81,7 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gfl_det.apis import check_inference_flags
     from gfl_det.malloc import retain_freed_memory
-    try:
-        check_inference_flags(channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
     retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
     from gfl_det.data import DatasetError

@@ -164,11 +164,17 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
 
     Targets must already be clamped below R (MMDetection clamps to R - 0.1) so bin i + 1 exists.
     """
+    return dfl_from_log_probs(F.log_softmax(logits, dim=-1), target)
+
+
+def dfl_from_log_probs(logp: Tensor, target: Tensor) -> Tensor:
+    """DFL from the distributions' log-probabilities (..., R+1) (``log_softmax`` of the logits,
+    which the loss shares with the integral): the cross-entropy of the two bins around each
+    target, weighted by the target's distance to the other bin."""
     left = target.long()
     right = left + 1
     w_left = right.to(target.dtype) - target
     w_right = target - left.to(target.dtype)
-    logp = F.log_softmax(logits, dim=-1)
     ce_left = -logp.gather(-1, left[..., None]).squeeze(-1)
     ce_right = -logp.gather(-1, right[..., None]).squeeze(-1)
     return ce_left * w_left + ce_right * w_right

@@ -83,6 +83,42 @@ def test_pretrained_errors_are_clear(tmp_path):
         ResNet(18, pretrained=str(tmp_path / "evil.pth"))
 
 
+@pytest.mark.parametrize("hw", [(400, 608), (401, 607), (7, 9), (1, 1), (2, 3), (3, 2)])
+def test_stem_max_pool_equals_max_pool2d_bit_for_bit(hw):
+    from gfl_det.models.backbone import stem_max_pool
+    g = torch.Generator().manual_seed(hw[0] * 1000 + hw[1])
+    x = torch.randn(2, 5, *hw, generator=g)
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates into every window that holds it
+    x[1, 1].fill_(float("-inf"))  # all -inf windows stay -inf (the padding is -inf too)
+    x[1, 2, :, 0] = 1e30
+    got, ref = stem_max_pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1)
+    assert got.shape == ref.shape and got.is_contiguous()
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.nan_to_num(0.5), ref.nan_to_num(0.5))
+
+
+def test_resnet_fast_stem_pool_same_outputs_and_gradients():
+    """The fast stem pool runs only where no gradient flows into the stem; a trainable stem
+    (frozen_stages=-1) keeps MaxPool2d, whose gradient takes one maximum per window."""
+    class PlainPool(torch.nn.MaxPool2d):  # not the exact MaxPool2d type: never replaced
+        pass
+
+    torch.manual_seed(0)
+    fast = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
+    plain = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
+    plain.load_state_dict(fast.state_dict())
+    plain.maxpool = PlainPool(3, 2, 1)
+    x = torch.randn(2, 3, 67, 93)
+    with torch.no_grad():
+        for a, b in zip(fast(x), plain(x)):
+            assert torch.equal(a, b)
+    fast.train(), plain.train()
+    sum(o.sum() for o in fast(x)).backward()
+    sum(o.sum() for o in plain(x)).backward()
+    assert fast.conv1.weight.grad is not None
+    assert torch.equal(fast.conv1.weight.grad, plain.conv1.weight.grad)
+
+
 def test_fpn_shapes_and_p6_from_p5_output():
     fpn = FPN([16, 32, 64, 128], 8, start_level=1, num_outs=5)
     feats = [torch.randn(1, c, s, s) for c, s in zip([16, 32, 64, 128], [40, 20, 10, 5])]

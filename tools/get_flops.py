@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """FLOPs of the detector's forward (backbone + neck + head) with torch's flop counter.
 
-    python tools/get_flops.py configs/gfl_r50.py --shape 800 1216
+    python tools/get_flops.py configs/gfl_r50.py --shape 800 1216 [--train] [--json]
 
 FLOPs here count a multiply-add as 2 (torch.utils.flop_counter), so they are ~2x the "GMACs"
-some tools print. With a measured time t for a batch of B images,
-MFU = B * flops_per_image * (3 if training else 1) / t / peak_flops_of_the_device.
+some tools print. ``--train`` also counts one training step (forward, loss and backward of one
+image with 10 random boxes): the backward computes only the gradients that exist (no input
+gradient for the image, none at all through a frozen stem), so it is less than 2x the forward.
+With a measured time t for a batch of B images, MFU = B * flops_per_image / t / peak_flops.
 """
 from __future__ import annotations
 
@@ -30,11 +32,32 @@ def count_flops(model, shape) -> tuple[int, dict]:
     return fc.get_total_flops(), {k: sum(v.values()) for k, v in per_module.items()}
 
 
+def count_train_flops(model, shape, num_gt: int = 10, seed: int = 0) -> tuple[int, dict]:
+    """FLOPs of one training step on one image (forward + loss + backward), and per operator."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = shape
+    xy = torch.rand(1, num_gt, 2, generator=g) * torch.tensor([W * 0.7, H * 0.7])
+    wh = 16 + torch.rand(1, num_gt, 2, generator=g) * torch.tensor([W * 0.3, H * 0.3])
+    boxes = torch.cat([xy, xy + wh], -1)
+    labels = torch.randint(0, model.num_classes, (1, num_gt), generator=g)
+    valid = torch.ones(1, num_gt, dtype=torch.bool)
+    meta = dict(img_shape=(H, W), pad_shape=(H, W), batch_input_shape=(H, W), ori_shape=(H, W),
+                scale_factor=(1.0, 1.0))
+    x = torch.randn(1, 3, H, W, generator=g)
+    model.train()
+    with FlopCounterMode(display=False) as fc:
+        losses = model.loss(x, boxes, labels, valid, [meta])
+        sum(losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops(), {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+
+
 def main(argv=None):
     from mmengine.config import Config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("--shape", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
+    p.add_argument("--train", action="store_true", help="also count one training step (1 image, 10 boxes)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     cfg = Config.fromfile(args.config).model.to_dict()
@@ -44,6 +67,8 @@ def main(argv=None):
     params = sum(p.numel() for p in model.parameters())
     res = dict(config=args.config, shape=list(args.shape), gflops=total / 1e9, params_m=params / 1e6,
                parts_gflops={k: v / 1e9 for k, v in parts.items() if v})
+    if args.train:
+        res["train_step_gflops"] = count_train_flops(model, args.shape)[0] / 1e9
     if args.json:
         print(json.dumps(res))
     else:
@@ -51,6 +76,8 @@ def main(argv=None):
               f"1 multiply-add = 2 FLOPs), {params / 1e6:.2f} M parameters")
         for k, v in res["parts_gflops"].items():
             print(f"  {k:<20} {v:8.1f} GFLOPs")
+        if args.train:
+            print(f"training step, 1 image (forward + loss + backward): {res['train_step_gflops']:.1f} GFLOPs")
 
 
 if __name__ == "__main__":

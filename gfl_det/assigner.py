@@ -19,7 +19,8 @@ nearer). The k nearest columns to x are a contiguous run inside the k + 1 column
 at floor(x / s) - k // 2, clamped into the valid range. So each (gt, level) needs only a
 (k+1) x (k+1) window of distances, and IoUs are computed for the K candidates only.
 Ties in distance go to the lower prior index (the order of a stable sort over the window,
-enumerated in prior order, taken with topk over unique integer keys); mmdet uses ``topk``, whose choice among exact ties is unspecified.
+enumerated in prior order, taken with topk over unique integer keys); mmdet uses ``topk``,
+whose choice among exact ties is unspecified.
 """
 from __future__ import annotations
 

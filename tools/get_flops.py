@@ -34,13 +34,11 @@ def count_flops(model, shape) -> tuple[int, dict]:
 
 def count_train_flops(model, shape, num_gt: int = 10, seed: int = 0) -> tuple[int, dict]:
     """FLOPs of one training step on one image (forward + loss + backward), and per operator."""
+    from benchmark import random_gt  # tools/benchmark.py: the boxes it times the loss with
+
     g = torch.Generator().manual_seed(seed)
     H, W = shape
-    xy = torch.rand(1, num_gt, 2, generator=g) * torch.tensor([W * 0.7, H * 0.7])
-    wh = 16 + torch.rand(1, num_gt, 2, generator=g) * torch.tensor([W * 0.3, H * 0.3])
-    boxes = torch.cat([xy, xy + wh], -1)
-    labels = torch.randint(0, model.num_classes, (1, num_gt), generator=g)
-    valid = torch.ones(1, num_gt, dtype=torch.bool)
+    boxes, labels, valid = random_gt(g, 1, num_gt, H, W, model.num_classes)
     meta = dict(img_shape=(H, W), pad_shape=(H, W), batch_input_shape=(H, W), ori_shape=(H, W),
                 scale_factor=(1.0, 1.0))
     x = torch.randn(1, 3, H, W, generator=g)

@@ -7,8 +7,9 @@ The loss works in *candidate-slot* space: ATSS picks K candidate priors per gt, 
 positive prior is exactly one slot (its gt's). So all positive-sample terms (QFL target,
 GIoU, DFL) are computed on the (B, G, K) slots flattened, with a mask on accelerators -- no
 ``nonzero``, no host synchronisation, no per-image or per-level loop -- and on the positive
-slots alone on the CPU, where compacting them costs no synchronisation. The negative part of QFL is dense over
-(B, A, C); at positive (prior, class) pairs it is replaced by the positive term.
+slots alone on the CPU, where compacting them costs no synchronisation. The negative part of
+QFL is dense over (B, A, C); at positive (prior, class) pairs it is replaced by the positive
+term.
 """
 from __future__ import annotations
 

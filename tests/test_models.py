@@ -97,12 +97,18 @@ def test_stem_max_pool_equals_max_pool2d_bit_for_bit(hw):
     assert torch.equal(got.nan_to_num(0.5), ref.nan_to_num(0.5))
 
 
-def test_resnet_fast_stem_pool_same_outputs_and_gradients():
-    """The fast stem pool runs only where no gradient flows into the stem; a trainable stem
-    (frozen_stages=-1) keeps MaxPool2d, whose gradient takes one maximum per window."""
+def test_resnet_fast_stem_pool_only_where_no_gradient_flows(monkeypatch):
+    """The fast stem pool runs in inference and behind a frozen stem; a trainable stem
+    (frozen_stages=-1) keeps MaxPool2d, whose gradient takes one maximum per window. Outputs
+    and gradients equal a model that never takes the fast path."""
+    import gfl_det.models.backbone as bb
+
     class PlainPool(torch.nn.MaxPool2d):  # not the exact MaxPool2d type: never replaced
         pass
 
+    calls = []
+    real = bb.stem_max_pool
+    monkeypatch.setattr(bb, "stem_max_pool", lambda x: calls.append(1) or real(x))
     torch.manual_seed(0)
     fast = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
     plain = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
@@ -112,11 +118,16 @@ def test_resnet_fast_stem_pool_same_outputs_and_gradients():
     with torch.no_grad():
         for a, b in zip(fast(x), plain(x)):
             assert torch.equal(a, b)
+    assert len(calls) == 1  # inference: the fast path
     fast.train(), plain.train()
     sum(o.sum() for o in fast(x)).backward()
     sum(o.sum() for o in plain(x)).backward()
+    assert len(calls) == 1  # a trainable stem: MaxPool2d
     assert fast.conv1.weight.grad is not None
     assert torch.equal(fast.conv1.weight.grad, plain.conv1.weight.grad)
+    frozen = ResNet(depth=18, base_channels=8, frozen_stages=1).train()
+    sum(o.sum() for o in frozen(x)).backward()
+    assert len(calls) == 2  # frozen stem in training: no gradient reaches the pool, fast path
 
 
 def test_fpn_shapes_and_p6_from_p5_output():

@@ -1,6 +1,6 @@
 """Inference post-processing: per-level top-k, integral decode, clip, rescale, class-aware NMS.
 
-Legend: B images, A_l priors of level l, C classes, R = reg_max, N candidates.
+Legend: B images, A_l priors of level l, A = sum A_l, C classes, R = reg_max, N candidates.
 Batched over images; no host synchronisation until the single NMS call of the batch.
 Behaviour matches MMDetection's ``GFLHead.predict_by_feat`` + ``_bbox_post_process``:
 per level keep the (prior, class) pairs with score > score_thr, best ``nms_pre`` first; decode
@@ -30,13 +30,16 @@ def flatten_reg(bbox_preds: list[Tensor], reg_max: int) -> Tensor:
     return torch.cat([r.permute(0, 2, 3, 1).reshape(r.shape[0], -1, 4, reg_max + 1) for r in bbox_preds], 1)
 
 
-def integral(logits: Tensor, project: Tensor) -> Tensor:
-    """(..., R + 1) distribution logits -> (...) expected bin."""
-    return torch.nn.functional.linear(logits.float().softmax(-1), project.float())
+def integral(logits: Tensor) -> Tensor:
+    """(..., R + 1) distribution logits -> (...) expected bin: sum_i softmax(logits)_i * i (GFL's
+    box edge; the one definition the loss, the decoder and the export use)."""
+    R = logits.shape[-1] - 1
+    bins = torch.arange(R + 1, dtype=torch.float32, device=logits.device)
+    return torch.nn.functional.linear(logits.float().softmax(-1), bins)
 
 
 def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], points: list[Tensor], strides: list[int],
-                img_shapes: Tensor, scale_factors: Tensor | None, project: Tensor, *, nms_pre: int = 1000,
+                img_shapes: Tensor, scale_factors: Tensor | None, *, nms_pre: int = 1000,
                 score_thr: float = 0.05, iou_threshold: float = 0.6, max_per_img: int = 100,
                 min_bbox_size: float = 0.0) -> list[dict[str, Tensor]]:
     """Detections for a batch.
@@ -46,11 +49,14 @@ def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], points: list
         points: per level (A_l, 2) prior points.
         img_shapes: (B, 2) (h, w) to clip to.
         scale_factors: (B, 2) (w_scale, h_scale) to undo (None: stay in input coordinates).
-    Returns: per image {'bboxes' (k, 4), 'scores' (k,), 'labels' (k,)}, best first.
+    Returns: per image {'bboxes' (k, 4), 'scores' (k,), 'labels' (k,), 'prior_idx' (k,)}, best
+    first; ``prior_idx`` is each detection's prior among the A of all levels, in (level, y, x)
+    order: where per-location outputs (an embedding) are read for it.
     """
     B, C = cls_scores[0].shape[:2]
-    R = project.numel() - 1
-    all_boxes, all_scores, all_labels = [], [], []
+    R = bbox_preds[0].shape[1] // 4 - 1
+    all_boxes, all_scores, all_labels, all_priors = [], [], [], []
+    start = 0
     for cls, reg, pts, s in zip(cls_scores, bbox_preds, points, strides):
         scores = cls.permute(0, 2, 3, 1).reshape(B, -1).float().sigmoid()  # (B, A_l * C)
         k = min(nms_pre, scores.shape[1])
@@ -59,30 +65,35 @@ def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], points: list
         labels = ti % C
         reg = reg.permute(0, 2, 3, 1).reshape(B, -1, 4, R + 1)
         logits = reg.gather(1, prior[..., None, None].expand(-1, -1, 4, R + 1))  # (B, k, 4, R+1)
-        dist = integral(logits, project) * s
+        dist = integral(logits) * s
         boxes = distance2bbox(pts[prior], dist, img_shapes[:, None, :])
         all_boxes.append(boxes)
         all_scores.append(torch.where(top > score_thr, top, torch.full_like(top, -1.0)))
         all_labels.append(labels)
+        all_priors.append(prior + start)
+        start += pts.shape[0]
     boxes = torch.cat(all_boxes, 1)  # (B, N, 4)
     scores = torch.cat(all_scores, 1)
     labels = torch.cat(all_labels, 1)
+    priors = torch.cat(all_priors, 1)
     if scale_factors is not None:
         # mmdet multiplies by the reciprocal of the scale factor (computed in double)
         inv = (1.0 / scale_factors.double()).float().to(boxes.device)
         boxes = boxes * torch.cat([inv, inv], 1)[:, None, :]
     wh = boxes[..., 2:] - boxes[..., :2]
     keep = (scores > score_thr) & (wh > min_bbox_size).all(-1)
-    return batched_class_nms(boxes, scores, labels, keep, C, iou_threshold, max_per_img)
+    return batched_class_nms(boxes, scores, labels, priors, keep, C, iou_threshold, max_per_img)
 
 
-def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, num_classes: int,
-                      iou_threshold: float, max_per_img: int) -> list[dict[str, Tensor]]:
-    """One NMS call for the whole batch: per (image, class) groups via an exact float64 offset."""
+def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Tensor, keep: Tensor,
+                      num_classes: int, iou_threshold: float, max_per_img: int) -> list[dict[str, Tensor]]:
+    """One NMS call for the whole batch: per (image, class) groups via an exact float64 offset.
+    boxes (B, N, 4), scores / labels / priors / keep (B, N)."""
     B, N = scores.shape
     img = torch.arange(B, device=boxes.device)[:, None].expand(B, N)
     sel = keep.flatten().nonzero().squeeze(1)  # the one host sync of post-processing
     b, s, l, im = boxes.reshape(-1, 4)[sel], scores.flatten()[sel], labels.flatten()[sel], img.flatten()[sel]
+    p = priors.flatten()[sel]
     if sel.numel():
         bd = b.double()
         group = (im * num_classes + l).double()
@@ -94,7 +105,7 @@ def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tenso
         first = torch.searchsorted(ik, ik, right=False)
         rank = torch.arange(ik.numel(), device=ik.device) - first
         kept = kept[rank < max_per_img]
-        b, s, l, im = b[kept], s[kept], l[kept], im[kept]
+        b, s, l, im, p = b[kept], s[kept], l[kept], im[kept], p[kept]
     counts = torch.bincount(im, minlength=B).tolist()
-    return [dict(bboxes=bb, scores=ss, labels=ll)
-            for bb, ss, ll in zip(b.split(counts), s.split(counts), l.split(counts))]
+    return [dict(bboxes=bb, scores=ss, labels=ll, prior_idx=pp)
+            for bb, ss, ll, pp in zip(b.split(counts), s.split(counts), l.split(counts), p.split(counts))]

@@ -217,7 +217,7 @@ def test_test_tool_winograd_gives_the_same_numbers(trained, tmp_path, monkeypatc
     numbers: its float32 rounding (~1e-5 of the outputs) does not move the mAP."""
     from gfl_det.apis import optimize_for_inference_hook
     from gfl_det.mm import GFLRunner
-    from gfl_det.models import WinogradConv2d, winograd_available
+    from gfl_det.fast.winograd import WinogradConv2d, winograd_available
     if not winograd_available():
         pytest.skip('this torch build has no NNPACK')
     monkeypatch.setattr(WinogradConv2d, 'min_pixels', 0)  # the tiny maps here: use it everywhere

@@ -1,4 +1,4 @@
-"""gfl_det.malloc: freed tensors stay mapped, so re-allocating them costs no page faults.
+"""gfl_det.fast.malloc: freed tensors stay mapped, so re-allocating them costs no page faults.
 
 Each case runs in a fresh interpreter (the setting is per process and cannot be undone)."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 PROBE = r"""
 import json, resource, sys, torch
-from gfl_det.malloc import retain_freed_memory, describe
+from gfl_det.fast.malloc import retain_freed_memory, describe
 applied = retain_freed_memory() if sys.argv[1] == "1" else False
 def faults_of_one_pass():
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -2,7 +2,8 @@
 
 Runs every ``*.pt`` in ../shared/golden/ and in $GFL_GOLDEN_DIR (same format) when set.
 For each: build from meta, load the mmdet state dict strictly, and compare head outputs,
-ATSS assignment, targets, losses, gradients and predictions in both coordinate frames.
+ATSS assignment, targets, losses, gradients and predictions in both coordinate frames -- the
+losses on the readable criterion and on its fast path (``fused_qfl``).
 """
 import functools
 import importlib.util
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from gfl_det.models import build_detector
+from gfl_det.structures import HeadOutputs, Targets
 
 SHARED_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 
@@ -45,14 +47,8 @@ if not FILES:
     pytest.skip(f"no golden files in {SHARED_GOLDEN} or $GFL_GOLDEN_DIR", allow_module_level=True)
 
 
-def pad_gt(boxes_list, labels_list):
-    B = len(boxes_list)
-    G = max([len(b) for b in boxes_list] + [1])
-    gb, gl = torch.zeros(B, G, 4), torch.zeros(B, G, dtype=torch.long)
-    gv = torch.zeros(B, G, dtype=torch.bool)
-    for i, (b, lab) in enumerate(zip(boxes_list, labels_list)):
-        gb[i, :len(b)], gl[i, :len(b)], gv[i, :len(b)] = b, lab, True
-    return gb, gl, gv
+def targets_of(g):
+    return Targets.from_lists(g["gt_bboxes"], g["gt_labels"])
 
 
 @pytest.fixture(scope="module", params=FILES, ids=[f.name for f in FILES])
@@ -72,10 +68,10 @@ def test_head_outputs(golden):
     g, model = golden
     model.train()  # norm_eval: BN still uses running stats
     with torch.no_grad():
-        cls, reg = model(g["inputs"])
-    for mine, ref in zip(cls, g["cls_scores"]):
+        out = model(g["inputs"])
+    for mine, ref in zip(out.cls, g["cls_scores"]):
         assert (mine - ref).abs().max() <= 1e-4
-    for mine, ref in zip(reg, g["bbox_preds"]):
+    for mine, ref in zip(out.reg, g["bbox_preds"]):
         assert (mine - ref).abs().max() <= 1e-4
 
 
@@ -96,51 +92,54 @@ def test_preprocess_matches_raw_images(path):
     assert (x - g["inputs"]).abs().max() <= 1e-5
 
 
+def head_outputs(g):
+    return HeadOutputs(list(g["cls_scores"]), list(g["bbox_preds"]))
+
+
 def test_priors_and_valid_flags(golden):
     g, model = golden
-    pri = model.priors_for(g["cls_scores"])
-    assert torch.equal(pri.boxes(8.0), torch.cat(g["anchors"]))
-    pad = torch.tensor([m["pad_shape"] for m in g["img_metas"]])
-    assert torch.equal(pri.valid_mask(pad), g["valid_flags"])
+    t = model.criterion.prior_targets(head_outputs(g), targets_of(g), g["img_metas"])
+    assert torch.equal(t.priors.boxes(8.0), torch.cat(g["anchors"]))
+    assert torch.equal(t.valid, g["valid_flags"])
 
 
 def test_assignment_and_targets(golden):
     g, model = golden
-    gb, gl, gv = pad_gt(g["gt_bboxes"], g["gt_labels"])
-    t = model.targets(g["cls_scores"], g["bbox_preds"], gb, gl, gv, g["img_metas"])
+    out = head_outputs(g)
+    t = model.criterion.prior_targets(out, targets_of(g), g["img_metas"])
+    p = model.criterion.positives(out, t)
     for i, ref in enumerate(g["assign"]):
-        mine = torch.where(t["valid"][i], t["assigned"][i] + 1, torch.full_like(t["assigned"][i], -2))
+        mine = torch.where(t.valid[i], t.assigned[i] + 1, torch.full_like(t.assigned[i], -2))
         assert torch.equal(mine, ref["assigned_gt_inds"]), f"image {i}"
-        labels = torch.where(t["assigned"][i] >= 0, t["labels"][i], torch.full_like(t["labels"][i], -1))
+        labels = torch.where(t.assigned[i] >= 0, t.labels[i], torch.full_like(t.labels[i], -1))
         assert torch.equal(labels, ref["assigned_labels"])
     T = g["targets"]
-    assert torch.equal(t["labels"], T["labels"])
-    assert torch.equal(t["label_weights"], T["label_weights"].float())
-    assert (t["bbox_targets"] - T["bbox_targets"]).abs().max() <= 1e-4
-    assert (t["qfl_score"] - T["qfl_score"]).abs().max() <= 1e-5
+    assert torch.equal(t.labels, T["labels"])
+    assert torch.equal(t.valid.float(), T["label_weights"].float())
+    assert (t.boxes - T["bbox_targets"]).abs().max() <= 1e-4
+    assert (p.quality - T["qfl_score"]).abs().max() <= 1e-5
     # per-level bbox loss weights, positives in flattened (image, y, x) order
     start = 0
     for lvl, n in enumerate(g["meta"]["num_level_anchors"]):
         sl = slice(start, start + n)
-        pos = t["assigned"][:, sl] >= 0
-        mine = t["bbox_weights"][:, sl][pos]
+        pos = t.assigned[:, sl] >= 0
+        mine = p.weight[:, sl][pos]
         assert torch.allclose(mine, T["bbox_loss_weights"][lvl], atol=1e-6, rtol=0), f"level {lvl}"
         start += n
 
 
-@pytest.mark.parametrize("compact", [True, False], ids=["compact-positives", "masked-slots"])
-def test_losses_and_gradients(golden, compact):
-    """Both loss paths -- positives compacted (the CPU default) and all candidate slots masked
-    (the accelerator default, no host sync) -- match MMDetection's losses and gradients."""
+@pytest.mark.parametrize("fused_qfl", [False, True], ids=["readable", "fused-qfl"])
+def test_losses_and_gradients(golden, fused_qfl):
+    """The readable criterion and its fast path (the fused QFL pass, gfl_det/fast/qfl.py) match
+    MMDetection's losses and gradients."""
     g, model = golden
-    model.compact_positives = compact
-    gb, gl, gv = pad_gt(g["gt_bboxes"], g["gt_labels"])
+    model.criterion.fused_qfl = fused_qfl
     cls = [c.clone().requires_grad_() for c in g["cls_scores"]]
     reg = [r.clone().requires_grad_() for r in g["bbox_preds"]]
     try:
-        losses = model.loss_by_feat(cls, reg, gb, gl, gv, g["img_metas"])
+        losses = model.criterion(HeadOutputs(cls, reg), targets_of(g), g["img_metas"])
     finally:
-        model.compact_positives = None
+        model.criterion.fused_qfl = False
     for k in ("loss_cls", "loss_bbox", "loss_dfl"):
         ref = g["losses"][k]
         assert abs(losses[k].item() - ref) <= 1e-4 * max(abs(ref), 1e-12), (k, losses[k].item(), ref)
@@ -157,8 +156,7 @@ def test_full_model_loss_and_param_grads(golden):
     g, model = golden
     model.train()
     model.zero_grad()
-    gb, gl, gv = pad_gt(g["gt_bboxes"], g["gt_labels"])
-    losses = model.loss(g["inputs"], gb, gl, gv, g["img_metas"])
+    losses = model.loss(g["inputs"], targets_of(g), g["img_metas"])
     for k in ("loss_cls", "loss_bbox", "loss_dfl"):
         ref = g["losses"][k]
         assert abs(losses[k].item() - ref) <= 1e-4 * max(abs(ref), 1e-12), k

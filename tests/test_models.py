@@ -83,53 +83,6 @@ def test_pretrained_errors_are_clear(tmp_path):
         ResNet(18, pretrained=str(tmp_path / "evil.pth"))
 
 
-@pytest.mark.parametrize("hw", [(400, 608), (401, 607), (7, 9), (1, 1), (2, 3), (3, 2)])
-def test_stem_max_pool_equals_max_pool2d_bit_for_bit(hw):
-    from gfl_det.models.backbone import stem_max_pool
-    g = torch.Generator().manual_seed(hw[0] * 1000 + hw[1])
-    x = torch.randn(2, 5, *hw, generator=g)
-    x[0, 0, 0, 0] = float("nan")  # NaN propagates into every window that holds it
-    x[1, 1].fill_(float("-inf"))  # all -inf windows stay -inf (the padding is -inf too)
-    x[1, 2, :, 0] = 1e30
-    got, ref = stem_max_pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1)
-    assert got.shape == ref.shape and got.is_contiguous()
-    assert torch.equal(got.isnan(), ref.isnan())
-    assert torch.equal(got.nan_to_num(0.5), ref.nan_to_num(0.5))
-
-
-def test_resnet_fast_stem_pool_only_where_no_gradient_flows(monkeypatch):
-    """The fast stem pool runs in inference and behind a frozen stem; a trainable stem
-    (frozen_stages=-1) keeps MaxPool2d, whose gradient takes one maximum per window. Outputs
-    and gradients equal a model that never takes the fast path."""
-    import gfl_det.models.backbone as bb
-
-    class PlainPool(torch.nn.MaxPool2d):  # not the exact MaxPool2d type: never replaced
-        pass
-
-    calls = []
-    real = bb.stem_max_pool
-    monkeypatch.setattr(bb, "stem_max_pool", lambda x: calls.append(1) or real(x))
-    torch.manual_seed(0)
-    fast = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
-    plain = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
-    plain.load_state_dict(fast.state_dict())
-    plain.maxpool = PlainPool(3, 2, 1)
-    x = torch.randn(2, 3, 67, 93)
-    with torch.no_grad():
-        for a, b in zip(fast(x), plain(x)):
-            assert torch.equal(a, b)
-    assert len(calls) == 1  # inference: the fast path
-    fast.train(), plain.train()
-    sum(o.sum() for o in fast(x)).backward()
-    sum(o.sum() for o in plain(x)).backward()
-    assert len(calls) == 1  # a trainable stem: MaxPool2d
-    assert fast.conv1.weight.grad is not None
-    assert torch.equal(fast.conv1.weight.grad, plain.conv1.weight.grad)
-    frozen = ResNet(depth=18, base_channels=8, frozen_stages=1).train()
-    sum(o.sum() for o in frozen(x)).backward()
-    assert len(calls) == 2  # frozen stem in training: no gradient reaches the pool, fast path
-
-
 def test_fpn_shapes_and_p6_from_p5_output():
     fpn = FPN([16, 32, 64, 128], 8, start_level=1, num_outs=5)
     feats = [torch.randn(1, c, s, s) for c, s in zip([16, 32, 64, 128], [40, 20, 10, 5])]
@@ -146,13 +99,12 @@ def test_head_init_and_parameters():
     assert torch.allclose(head.gfl_cls.bias, torch.full((7,), -4.59512), atol=1e-4)  # prior 0.01
     assert head.gfl_cls.weight.std().item() == pytest.approx(0.01, rel=0.1)
     assert torch.equal(head.integral.project, torch.arange(9.0))
-    cls, reg = head([torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)])
-    assert cls[0].shape == (2, 7, 8, 8) and reg[1].shape == (2, 36, 4, 4)
+    out = head([torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)])
+    assert out.cls[0].shape == (2, 7, 8, 8) and out.reg[1].shape == (2, 36, 4, 4)
+    assert out.level_shapes == [(8, 8), (4, 4)] and out.num_classes == 7 and out.reg_max == 8
 
 
-def test_build_rejects_unsupported():
-    with pytest.raises(ValueError, match="unsupported"):
-        build_detector({**r50_cfg(), "type": "RetinaNet"})
+def test_build_rejects_mismatched_channels():
     bad = r50_cfg()
     bad["neck"] = {**bad["neck"], "in_channels": [64, 128, 256, 512]}
     with pytest.raises(ValueError, match="in_channels"):
@@ -185,7 +137,7 @@ def test_predict_batch_and_empty():
 
 
 def test_fuse_for_inference_same_detections():
-    from gfl_det.models import fuse_for_inference
+    from gfl_det.fast.fuse import fuse_for_inference
     torch.manual_seed(0)
     cfg = dict(type="GFL", backbone=dict(type="ResNet", depth=18, base_channels=16),
                neck=dict(type="FPN", in_channels=[16, 32, 64, 128], out_channels=64),
@@ -209,7 +161,7 @@ def test_fuse_for_inference_same_detections():
     with torch.no_grad():
         maps = model(x)
         out = model.predict(x, metas)[0]
-    for a, b in zip(ref_maps[0] + ref_maps[1], maps[0] + maps[1]):
+    for a, b in zip(ref_maps.cls + ref_maps.reg, maps.cls + maps.reg):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     assert len(out["bboxes"]) == len(ref["bboxes"]) > 0
     assert torch.allclose(out["bboxes"], ref["bboxes"], atol=1e-2)
@@ -221,7 +173,7 @@ def test_compile_for_inference_same_detections_any_size():
     (batch 1 both times and P7 larger than 1 x 1, as dynamo specialises dimensions of size 1;
     both sizes above a conv-size guard inductor adds near 200 x 200 px, as real images are)."""
     import copy
-    from gfl_det.models import compile_for_inference, fuse_for_inference
+    from gfl_det.fast.fuse import compile_for_inference, fuse_for_inference
     torch.manual_seed(0)
     cfg = dict(type="GFL", backbone=dict(type="ResNet", depth=18, base_channels=16),
                neck=dict(type="FPN", in_channels=[16, 32, 64, 128], out_channels=64),

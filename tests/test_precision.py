@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gfl_det.models import build_detector
+from gfl_det.structures import HeadOutputs, Targets
 
 from test_smoke import make_image, small_cfg
 
@@ -19,12 +20,12 @@ def setup(seed=0):
     model = build_detector(small_cfg()).train()
     img, boxes, labels = make_image()
     x = model.preprocess(img, METAS)
-    return model, x, (boxes[None], labels[None], torch.ones(1, 3, dtype=torch.bool))
+    return model, x, Targets(boxes[None], labels[None], torch.ones(1, 3, dtype=torch.bool))
 
 
 def losses_and_grads(model, x, gt):
     model.zero_grad()
-    losses = model.loss(x, *gt, METAS)
+    losses = model.loss(x, gt, METAS)
     sum(losses.values()).backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return {k: v.detach() for k, v in losses.items()}, grads
@@ -36,12 +37,12 @@ def test_loss_is_float32_under_autocast_from_bf16_head_outputs():
     reduced precision -- and is float32."""
     model, x, gt = setup()
     with torch.no_grad():
-        cls, reg = model(x)
-    cls16 = [c.bfloat16().requires_grad_() for c in cls]
-    reg16 = [r.bfloat16().requires_grad_() for r in reg]
+        out = model(x)
+    cls16 = [c.bfloat16().requires_grad_() for c in out.cls]
+    reg16 = [r.bfloat16().requires_grad_() for r in out.reg]
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        amp = model.loss_by_feat(cls16, reg16, *gt, METAS)
-    ref = model.loss_by_feat([c.float() for c in cls16], [r.float() for r in reg16], *gt, METAS)
+        amp = model.criterion(HeadOutputs(cls16, reg16), gt, METAS)
+    ref = model.criterion(HeadOutputs([c.float() for c in cls16], [r.float() for r in reg16]), gt, METAS)
     for k in ref:
         assert amp[k].dtype == torch.float32, k
         assert torch.equal(amp[k], ref[k]), (k, amp[k], ref[k])

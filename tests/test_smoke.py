@@ -3,6 +3,7 @@ import torch
 import torchvision
 
 from gfl_det.models import build_detector
+from gfl_det.structures import Targets
 
 
 def small_cfg(num_classes=3):
@@ -33,7 +34,7 @@ def test_fits_one_image_and_finds_the_boxes():
     img, boxes, labels = make_image()
     metas = [dict(img_shape=(160, 160), pad_shape=(160, 160), ori_shape=(160, 160), scale_factor=(1.0, 1.0))]
     x = model.preprocess(img, metas)
-    gb, gl, gv = boxes[None], labels[None], torch.ones(1, 3, dtype=torch.bool)
+    targets = Targets(boxes[None], labels[None], torch.ones(1, 3, dtype=torch.bool))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0)
     # a decaying lr, as any schedule: at a constant 2e-3 AdamW's normalised steps make the
     # near-zero end of the trajectory spike now and then (float rounding decides when)
@@ -41,7 +42,7 @@ def test_fits_one_image_and_finds_the_boxes():
     model.train()
     history = []
     for it in range(200):
-        losses = model.loss(x, gb, gl, gv, metas)
+        losses = model.loss(x, targets, metas)
         history.append({k: v.item() for k, v in losses.items()})
         opt.zero_grad()
         sum(losses.values()).backward()

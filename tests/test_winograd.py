@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gfl_det.apis import check_inference_flags, optimize_for_inference
-from gfl_det.models import WinogradConv2d, build_detector, use_winograd, winograd_available
+from gfl_det.fast.winograd import WinogradConv2d, use_winograd, winograd_available
+from gfl_det.models import build_detector
 
 from test_smoke import small_cfg
 

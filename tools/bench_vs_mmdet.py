@@ -7,8 +7,9 @@
 Runs ../shared/mmdet_ref/bench_cpu.py (R50 GFL: train step 2 x 800 x 1216 with 10 gt, head
 loss with 10 / 100 gt, predict 1 x 800 x 1216) and the same workloads through
 tools/benchmark.py, then prints gfl_det / mmdet ratios (lower is faster). Extra rows: our
-options (``--channels-last``, ``--winograd``, ``--compile``), our defaults without the kept
-freed memory (``--system-malloc``, gfl_det/malloc.py), and our train step / inference under bf16
+options (``--channels-last``, ``--winograd``, ``--compile``), the gfl_det/fast/ switches against
+our defaults (the fused QFL pass on, the separable stem pool off, glibc's malloc defaults instead
+of the kept freed memory: gfl_det/fast/malloc.py), and our train step / inference under bf16
 autocast (marked: those compare our mixed precision with their fp32). The machine may be shared: only ratios from the
 same run on an otherwise idle machine mean anything.
 """
@@ -69,12 +70,17 @@ def main(argv=None):
         t = ours(args.config, "--task", "loss", "--batch", "2", "--shape", "800", "1216", "--num-gt", str(g),
                  "--iters", "7", "--warmup", "2", threads=args.threads)
         rows.append((f"head loss fwd+bwd, 2 images, {g} gt", t["median_s"], mm[f"head_loss_fwdbwd_s_gt{g}"]))
+        t = ours(args.config, "--task", "loss", "--batch", "2", "--shape", "800", "1216", "--num-gt", str(g),
+                 "--iters", "7", "--warmup", "2", "--fast", "fused_qfl=true", threads=args.threads)
+        rows.append((f"head loss, {g} gt, `fast.fused_qfl`", t["median_s"], mm[f"head_loss_fwdbwd_s_gt{g}"]))
     t = ours(args.config, *infer, "--warmup", "1", threads=args.threads)
     rows.append(("inference incl. NMS, 1 x 800x1216 (BN folded)", t["median_s"], mm["predict_s"]))
     t = ours(args.config, *infer, "--channels-last", "--warmup", "1", threads=args.threads)
     rows.append(("inference, `--channels-last`", t["median_s"], mm["predict_s"]))
     t = ours(args.config, *infer, "--winograd", "--warmup", "1", threads=args.threads)
     rows.append(("inference, `--winograd`", t["median_s"], mm["predict_s"]))
+    t = ours(args.config, *infer, "--fast", "stem_pool=false", "--warmup", "1", threads=args.threads)
+    rows.append(("inference, without `fast.stem_pool`", t["median_s"], mm["predict_s"]))
     t = ours(args.config, *infer, "--system-malloc", "--warmup", "1", threads=args.threads)
     rows.append(("inference, `--system-malloc` (glibc defaults)", t["median_s"], mm["predict_s"]))
     if not args.skip_compile:

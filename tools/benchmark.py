@@ -10,8 +10,8 @@ Weights are random unless --checkpoint. For --task infer/loss the classifier is 
 same "realistic" random init as MMDetection's reference benchmark (../shared/mmdet_ref/
 bench_cpu.py: cls bias ~ N(-5.25, 0.5)) so that thousands of (prior, class) pairs pass the
 score threshold and NMS has real work, as with a trained model.
---task loss times ``loss_by_feat`` (priors, ATSS, targets, QFL/GIoU/DFL) forward and backward
-to the head outputs, as MMDetection's ``GFLHead.loss_by_feat``.
+--task loss times the criterion (priors, ATSS, targets, QFL/GIoU/DFL, normalisers) forward and
+backward to the head outputs, as MMDetection's ``GFLHead.loss_by_feat``.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gfl_det.models import build_detector  # noqa: E402
+from gfl_det.structures import HeadOutputs, Targets  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default mmap/trim thresholds (the tools otherwise keep freed memory "
                         "mapped: gfl_det/malloc.py); shows what that setting is worth")
+    p.add_argument("--fast", nargs="+", default=[], metavar="KEY=BOOL",
+                   help="gfl_det/fast/ switches (the config's model.fast), e.g. fused_qfl=true stem_pool=false")
     p.add_argument("--checkpoint", help="weights to load (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -59,7 +62,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def random_gt(g: torch.Generator, B: int, G: int, h: int, w: int, num_classes: int):
+def parse_switches(items: list[str]) -> dict[str, bool]:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"error: --fast {item!r}: expected KEY=true or KEY=false")
+        out[key] = value.lower() in ("true", "1")
+    return out
+
+
+def random_gt(g: torch.Generator, B: int, G: int, h: int, w: int, num_classes: int) -> Targets:
     """Boxes with log-uniform sides from 4 px to ~0.9 of the image, inside the image."""
     lo = torch.log(torch.tensor(4.0))
     bw = torch.exp(lo + torch.rand(B, G, generator=g) * (torch.log(torch.tensor(0.9 * w)) - lo))
@@ -68,7 +81,7 @@ def random_gt(g: torch.Generator, B: int, G: int, h: int, w: int, num_classes: i
     y1 = torch.rand(B, G, generator=g) * (h - bh)
     boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], -1)
     labels = torch.randint(0, num_classes, (B, G), generator=g)
-    return boxes, labels, torch.ones(B, G, dtype=torch.bool)
+    return Targets(boxes, labels, torch.ones(B, G, dtype=torch.bool))
 
 
 def realistic_head_init_(model, g: torch.Generator) -> None:
@@ -104,7 +117,7 @@ def peak_mem_mb(device) -> float:
 def run(args) -> dict:
     from mmengine.config import Config
 
-    from gfl_det.malloc import describe, retain_freed_memory
+    from gfl_det.fast.malloc import describe, retain_freed_memory
     if not args.system_malloc:
         retain_freed_memory()  # as tools/train.py and tools/test.py do
     if args.threads:
@@ -114,6 +127,8 @@ def run(args) -> dict:
     cfg = Config.fromfile(args.config)
     model_cfg = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
     model_cfg.get("backbone", {}).pop("init_cfg", None)  # random weights: no pretrained download
+    if args.fast:
+        model_cfg["fast"] = dict(model_cfg.get("fast") or {}, **parse_switches(args.fast))
     model = build_detector(model_cfg)
     g = torch.Generator().manual_seed(args.seed)
     if args.checkpoint:
@@ -141,7 +156,7 @@ def run(args) -> dict:
     metas = [dict(img_shape=(H, W), pad_shape=(Hb, Wb), batch_input_shape=(Hb, Wb), ori_shape=(H, W),
                   scale_factor=(1.0, 1.0)) for _ in range(B)]
     images = torch.randint(0, 256, (B, 3, Hb, Wb), dtype=torch.uint8, generator=g)
-    gt = [t.to(device) for t in random_gt(g, B, args.num_gt, H, W, model.num_classes)]
+    targets = random_gt(g, B, args.num_gt, H, W, model.num_classes).to(device)
     if device.type == "cuda":
         images = images.pin_memory()
         torch.cuda.reset_peak_memory_stats(device)
@@ -158,7 +173,7 @@ def run(args) -> dict:
         def step():
             x = model.preprocess(images, metas)
             with autocast():
-                losses = model.loss(x, *gt, metas)
+                losses = model.loss(x, targets, metas)
             opt.zero_grad(set_to_none=True)
             scaler.scale(sum(losses.values())).backward()
             scaler.step(opt)
@@ -175,12 +190,12 @@ def run(args) -> dict:
     else:
         model.train()
         with torch.no_grad(), autocast():
-            cls, reg = model(model.preprocess(images, metas))
-        cls = [c.detach().requires_grad_() for c in cls]
-        reg = [r.detach().requires_grad_() for r in reg]
+            out = model(model.preprocess(images, metas))
+        out = HeadOutputs([c.detach().requires_grad_() for c in out.cls],
+                          [r.detach().requires_grad_() for r in out.reg])
 
         def step():
-            losses = model.loss_by_feat(cls, reg, *gt, metas)
+            losses = model.criterion(out, targets, metas)
             sum(losses.values()).backward()
 
     t0 = time.perf_counter()
@@ -197,7 +212,7 @@ def run(args) -> dict:
     med = statistics.median(times)
     res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
-               compile=args.compile, fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
+               compile=args.compile, fast=parse_switches(args.fast), fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
                winograd=args.winograd, malloc=describe(), threads=torch.get_num_threads(), torch=torch.__version__,
                iters=args.iters, warmup_s=round(warmup_s, 3), median_s=med, min_s=min(times), max_s=max(times),
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))

@@ -38,13 +38,13 @@ def count_train_flops(model, shape, num_gt: int = 10, seed: int = 0) -> tuple[in
 
     g = torch.Generator().manual_seed(seed)
     H, W = shape
-    boxes, labels, valid = random_gt(g, 1, num_gt, H, W, model.num_classes)
+    targets = random_gt(g, 1, num_gt, H, W, model.num_classes)
     meta = dict(img_shape=(H, W), pad_shape=(H, W), batch_input_shape=(H, W), ori_shape=(H, W),
                 scale_factor=(1.0, 1.0))
     x = torch.randn(1, 3, H, W, generator=g)
     model.train()
     with FlopCounterMode(display=False) as fc:
-        losses = model.loss(x, boxes, labels, valid, [meta])
+        losses = model.loss(x, targets, [meta])
         sum(losses.values()).backward()
     model.zero_grad(set_to_none=True)
     return fc.get_total_flops(), {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}

@@ -81,7 +81,7 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gfl_det.malloc import retain_freed_memory
+    from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
     from gfl_det.data import DatasetError

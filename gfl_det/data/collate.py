@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from ..structures import Targets
+
 __all__ = ['collate']
 
 
@@ -19,13 +21,13 @@ def collate(samples: Sequence[dict], size_divisor: int = 32) -> dict:
 
     Returns::
 
-        {'inputs':    uint8 (B, 3, Hb, Wb), zero padded at bottom/right; Hb, Wb = the largest
-                      h, w of the batch rounded up to a multiple of ``size_divisor``,
-         'gt_boxes':  float32 (B, G, 4), G = most boxes in one image (may be 0); padding 0,
-         'gt_labels': int64 (B, G); padding -1 (never a class: misuse fails loudly),
-         'gt_valid':  bool (B, G); True for the real boxes,
-         'metas':     list of B meta dicts (copies) with 'pad_shape' (own img_shape rounded up
-                      to the divisor) and 'batch_input_shape' (Hb, Wb) added}
+        {'inputs':  uint8 (B, 3, Hb, Wb), zero padded at bottom/right; Hb, Wb = the largest
+                    h, w of the batch rounded up to a multiple of ``size_divisor``,
+         'targets': gfl_det.structures.Targets: boxes (B, G, 4) float32 (G = most boxes in one
+                    image, may be 0; padding 0), labels (B, G) int64 (padding -1), valid (B, G)
+                    bool, ids (B, G) int64 when every sample has 'ids' (else None),
+         'metas':   list of B meta dicts (copies) with 'pad_shape' (own img_shape rounded up
+                    to the divisor) and 'batch_input_shape' (Hb, Wb) added}
     """
     if len(samples) == 0:
         raise ValueError('collate got an empty list of samples')
@@ -48,20 +50,22 @@ def collate(samples: Sequence[dict], size_divisor: int = 32) -> dict:
             inputs = img0.new_zeros(shape)
     else:
         inputs = img0.new_zeros(shape)                               # (B, 3, Hb, Wb)
-    gt_boxes = torch.zeros((B, G, 4), dtype=torch.float32)           # (B, G, 4)
-    gt_labels = torch.full((B, G), -1, dtype=torch.int64)            # (B, G)
-    gt_valid = torch.zeros((B, G), dtype=torch.bool)                 # (B, G)
+    targets = Targets(torch.zeros((B, G, 4), dtype=torch.float32),    # (B, G, 4)
+                      torch.full((B, G), -1, dtype=torch.int64),      # (B, G)
+                      torch.zeros((B, G), dtype=torch.bool),          # (B, G)
+                      torch.full((B, G), -1, dtype=torch.int64) if all('ids' in s for s in samples) else None)
     metas = []
     for i, s in enumerate(samples):
         img = s['image']
         inputs[i, :, :img.shape[-2], :img.shape[-1]] = img
         n = int(s['boxes'].shape[0])
-        gt_boxes[i, :n] = s['boxes']
-        gt_labels[i, :n] = s['labels']
-        gt_valid[i, :n] = True
+        targets.boxes[i, :n] = s['boxes']
+        targets.labels[i, :n] = s['labels']
+        targets.valid[i, :n] = True
+        if targets.ids is not None:
+            targets.ids[i, :n] = s['ids']
         meta = dict(s['meta'])
         meta['pad_shape'] = (_round_up(hs[i], d), _round_up(ws[i], d))
         meta['batch_input_shape'] = (Hb, Wb)
         metas.append(meta)
-    return {'inputs': inputs, 'gt_boxes': gt_boxes, 'gt_labels': gt_labels,
-            'gt_valid': gt_valid, 'metas': metas}
+    return {'inputs': inputs, 'targets': targets, 'metas': metas}

@@ -18,44 +18,6 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
-def _max3s2(x: Tensor, dim: int) -> Tensor:
-    """Max over windows of 3 with stride 2 and padding 1 along ``dim``: output i is the max of
-    inputs 2i-1, 2i, 2i+1 (those that exist), as ``max_pool`` with ``-inf`` padding."""
-    n = x.shape[dim]
-    o = (n - 1) // 2 + 1
-    step = (slice(None),) * dim + (slice(None, None, 2),)
-    centre = x.narrow(dim, 0, 2 * o - 1)[step]  # inputs 2i, i < o
-    right = x.narrow(dim, 1, n - 1)[step]  # inputs 2i + 1 (o or o - 1 of them)
-    k = right.shape[dim]
-    out = torch.maximum(centre.narrow(dim, 0, k), right)
-    if k < o:  # n odd: the last window has no right neighbour
-        out = torch.cat([out, centre.narrow(dim, k, 1)], dim)
-    if o > 1:  # inputs 2i - 1 are the right neighbours of the window before
-        tail = out.narrow(dim, 1, o - 1)
-        torch.maximum(tail, right.narrow(dim, 0, o - 1), out=tail)
-    return out
-
-
-def stem_max_pool(x: Tensor) -> Tensor:
-    """``F.max_pool2d(x, 3, 2, 1)``, bit for bit (NaN propagates as there), as two separable
-    passes of elementwise maxima: ~6x faster than PyTorch's NCHW CPU kernel (R50 at 800x1216:
-    71 -> 12 ms per image). Forward only (its gradient would split ties): the ResNet uses it
-    when no gradient flows into the stem, as with the default frozen stem and in inference."""
-    return _max3s2(_max3s2(x, 2), 3)
-
-
-def _fast_pool_applies(pool: nn.Module, x: Tensor) -> bool:
-    """:func:`stem_max_pool` replaces ``pool``: a plain 3/2/1 ``MaxPool2d``, an NCHW float map on
-    the CPU (channels-last and GPU kernels are fast already), no gradient to carry, and eager
-    mode (under ``torch.compile`` inductor writes its own pooling kernel)."""
-    if torch.compiler.is_compiling():
-        return False
-    return (type(pool) is nn.MaxPool2d and pool.kernel_size in (3, (3, 3)) and pool.stride in (2, (2, 2))
-            and pool.padding in (1, (1, 1)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-            and not pool.return_indices and x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point()
-            and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad))
-
-
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -187,7 +149,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = stem_max_pool(x) if _fast_pool_applies(self.maxpool, x) else self.maxpool(x)
+        x = self.maxpool(x)
         outs = []
         for i in range(4):
             x = getattr(self, f"layer{i + 1}")(x)

@@ -30,7 +30,7 @@ class FPN(nn.Module):
         super().__init__()
         if add_extra_convs != "on_output":
             raise NotImplementedError(f"FPN add_extra_convs={add_extra_convs!r}: only 'on_output' (GFL's) is supported")
-        self.start_level = start_level
+        self.start_level, self.out_channels = start_level, out_channels
         used = list(in_channels[start_level:])
         self.lateral_convs = nn.ModuleList(ConvBlock(c, out_channels, 1) for c in used)
         convs = [ConvBlock(out_channels, out_channels, 3) for _ in used]

@@ -1,4 +1,4 @@
-"""GFL head: convolutions only. Targets, losses and decoding live in ``gfl.py`` / ``postprocess.py``.
+"""GFL head: convolutions only. Losses live in ``criterion.py``, decoding in ``postprocess.py``.
 
 Per level: ``stacked_convs`` conv3x3 (no bias) + GroupNorm(32) + ReLU towers for cls and reg,
 ``gfl_cls`` -> C joint class-quality logits, ``gfl_reg`` -> 4 (R + 1) distribution logits,
@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from ..structures import HeadOutputs
 
 
 class ConvGN(nn.Module):
@@ -36,17 +38,14 @@ class Scale(nn.Module):
 
 
 class Integral(nn.Module):
-    """Expectation of the discrete distribution over bins 0..R: softmax(logits) . [0..R]."""
+    """Holds MMDetection's ``project`` buffer (the bins 0..R), so that the state dict has its key
+    ``bbox_head.integral.project`` and checkpoints load both ways. The integral itself --
+    softmax(logits) . [0..R] -- is :func:`gfl_det.postprocess.integral`."""
 
     def __init__(self, reg_max: int = 16):
         super().__init__()
         self.reg_max = reg_max
         self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
-
-    def forward(self, logits: Tensor) -> Tensor:
-        """(..., R + 1) logits -> (...) expected distance in bins."""
-        p = logits.float().softmax(-1)
-        return torch.nn.functional.linear(p, self.project[None].float()).squeeze(-1)
 
 
 class GFLHead(nn.Module):
@@ -70,8 +69,8 @@ class GFLHead(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.gfl_cls.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """FPN maps -> (cls logits [(B, C, H_l, W_l)], reg logits [(B, 4(R+1), H_l, W_l)])."""
+    def forward(self, feats: Sequence[Tensor]) -> HeadOutputs:
+        """FPN maps -> cls logits [(B, C, H_l, W_l)], reg logits [(B, 4(R+1), H_l, W_l)]."""
         cls_out, reg_out = [], []
         for x, scale in zip(feats, self.scales):
             c, r = x, x
@@ -81,4 +80,4 @@ class GFLHead(nn.Module):
                 r = conv(r)
             cls_out.append(self.gfl_cls(c))
             reg_out.append(scale(self.gfl_reg(r)))
-        return cls_out, reg_out
+        return HeadOutputs(cls_out, reg_out)

@@ -7,10 +7,10 @@ computes the same detections (to float rounding) but its state dict no longer ha
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .backbone import ResNet
 
 
 def _fuse_pair(parent: nn.Module, conv_name: str, bn_name: str) -> None:
@@ -20,7 +20,7 @@ def _fuse_pair(parent: nn.Module, conv_name: str, bn_name: str) -> None:
         setattr(parent, bn_name, nn.Identity())
 
 
-def fuse_conv_bn(backbone: ResNet) -> ResNet:
+def fuse_conv_bn(backbone: nn.Module) -> nn.Module:
     """Fold the BNs of a ResNet (in eval mode) into its convs, in place."""
     if backbone.training:
         raise RuntimeError("fuse_conv_bn needs the model in eval mode (call model.eval() first)")
@@ -64,8 +64,6 @@ def compile_for_inference(model: nn.Module, dynamic: bool = True) -> nn.Module:
     train or load other weights into the model afterwards. Needs a C++ compiler on CPU (Triton
     on GPU), as any ``torch.compile``.
     """
-    import torch
-
     fuse_for_inference(model)
     feats = _Features(model.backbone, model.neck, model.bbox_head)
     compiled = torch.compile(feats, dynamic=dynamic, options={"freezing": True})

@@ -1,0 +1,22 @@
+"""Speed tricks, each a switch beside the readable code it replaces, with a parity test and a
+measured reason (README, Speed). The readable code is the reference; nothing here changes what
+is computed beyond float rounding (``winograd``: more rounding, stated there).
+
+=====================  ==============================================  ========================
+switch                 what                                            default
+=====================  ==============================================  ========================
+``model.fast.``        ``pool.py``: the ResNet stem's 3x3/2 max pool   on (CPU inference and
+``stem_pool``          as two separable max passes, bit-identical       frozen stems only)
+``model.fast.``        ``qfl.py``: the criterion's QFL sum and its     off (opt-in: the loss
+``fused_qfl``          gradient in one pass over the logits            is ~1 % of an R50 step)
+``--fuse-conv-bn``,    ``fuse.py``: BN folded into the convs;          off (tools/test.py,
+``--compile``          ``torch.compile`` for inference                 tools/demo.py flags)
+``--winograd``         ``winograd.py``: NNPACK Winograd 3x3 convs for  off (flag)
+                       batch-1 CPU inference
+``GFL_DET_MALLOC``     ``malloc.py``: keep freed CPU memory mapped     on in the tools
+=====================  ==============================================  ========================
+
+Parity tests: tests/test_fast.py (stem pool, fused QFL), tests/test_mmdet_parity.py (the
+criterion with and without ``fused_qfl`` on MMDetection's golden files), tests/test_winograd.py,
+tests/test_models.py (BN folding, compile), tests/test_malloc.py.
+"""

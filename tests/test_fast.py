@@ -1,0 +1,153 @@
+"""gfl_det.fast: each speed switch computes what the readable code computes.
+
+- fast.qfl.fused_qfl_sum: the criterion's QFL sum and its gradient, against the readable
+  ``quality_focal_loss`` over the dense (B, A, C) target (float64, several chunks per level);
+- fast.pool.SeparableStemMaxPool: F.max_pool2d bit for bit, used only where no gradient flows.
+(fast.winograd: tests/test_winograd.py; fast.malloc: tests/test_malloc.py; fast.fuse:
+tests/test_models.py; the criterion with fused_qfl on the golden files: test_mmdet_parity.py.)
+"""
+import pytest
+import torch
+
+import gfl_det.fast.pool as fpool
+import gfl_det.fast.qfl as fqfl
+from gfl_det.fast.pool import SeparableStemMaxPool, stem_max_pool, use_separable_stem_pool
+from gfl_det.losses import quality_focal_loss
+from gfl_det.models import ResNet
+from gfl_det.postprocess import flatten_cls
+
+LEVEL_HW = [(12, 10), (6, 5), (3, 3), (2, 2)]  # 120 + 30 + 9 + 4 = 163 priors
+
+
+def _qfl_case(dtype, seed=0):
+    """Per-level logits (B, C, H, W), a valid mask, and dense per-prior labels (C = background)
+    and IoU targets with positives on every level, as the criterion has them."""
+    g = torch.Generator().manual_seed(seed)
+    B, C = 2, 7
+    levels = [(torch.randn(B, C, h, w, generator=g) * 6).to(dtype).requires_grad_() for h, w in LEVEL_HW]
+    A = sum(h * w for h, w in LEVEL_HW)
+    valid = torch.rand(B, A, generator=g) > 0.2
+    starts = torch.tensor([0, 120, 150, 159])
+    flat = torch.cat([torch.randperm(B * A, generator=g)[:50], starts + A, starts + 5]).unique()  # every level
+    labels = torch.full((B * A,), C)
+    labels[flat] = torch.randint(0, C, (len(flat),), generator=g)
+    quality = torch.zeros(B * A, dtype=dtype)
+    quality[flat] = torch.rand(len(flat), generator=g).to(dtype)
+    valid.view(-1)[flat] = True  # positives are valid priors
+    labels, quality = labels.view(B, A), quality.view(B, A)
+    dense = torch.nn.functional.one_hot(labels, C + 1)[..., :C].to(dtype) * quality[..., None]  # (B, A, C)
+    return levels, valid, labels, quality, dense
+
+
+def _readable(levels, valid, dense, beta=2.0):
+    return (quality_focal_loss(flatten_cls(levels), dense, beta).sum(-1) * valid).sum()
+
+
+def test_fused_qfl_sum_matches_readable_qfl(monkeypatch):
+    levels, valid, labels, quality, dense = _qfl_case(torch.float64)
+    monkeypatch.setattr(fqfl, 'CHUNK', 100)  # several column chunks per level, partial ones
+    fused = fqfl.fused_qfl_sum(levels, valid, labels, quality)
+    gf = torch.autograd.grad(fused * 3.0, levels)
+    ref = _readable(levels, valid, dense)
+    gr = torch.autograd.grad(ref * 3.0, levels)
+    assert torch.allclose(fused, ref, rtol=1e-12)
+    # (autograd takes d softplus = 1 above its threshold 20, sigmoid(20) = 1 - 2e-9: hence rtol 1e-7)
+    for a, b in zip(gf, gr):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_fused_qfl_sum_gradcheck():
+    levels, valid, labels, quality, _ = _qfl_case(torch.float64, seed=2)
+    small = [x.detach()[:, :, :2, :2].contiguous().requires_grad_() for x in levels[2:]]  # 4 + 4 priors
+    sub_valid = torch.tensor([[True] * 8, [True, False] * 4])
+    sub_labels = torch.tensor([[7, 2, 7, 7, 7, 7, 7, 7], [0, 7, 7, 7, 7, 7, 5, 7]])
+    sub_q = torch.tensor([[0.0, 0.3, 0, 0, 0, 0, 0, 0], [0.9, 0, 0, 0, 0, 0, 0.5, 0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: fqfl.fused_qfl_sum([a, b], sub_valid, sub_labels, sub_q),
+                                    tuple(small))
+
+
+def test_fused_qfl_sum_float32_close_to_float64():
+    """The dense pass's log(sigmoid) softplus keeps float32 as close to the exact value as autograd's ops."""
+    levels, valid, labels, quality, dense = _qfl_case(torch.float32, seed=1)
+    l64 = [x.detach().double().requires_grad_() for x in levels]
+    exact = _readable(l64, valid, dense.double())
+    g64 = torch.autograd.grad(exact, l64)
+    fused = fqfl.fused_qfl_sum(levels, valid, labels, quality)
+    g32 = torch.autograd.grad(fused, levels)
+    assert abs(fused.item() - exact.item()) <= 1e-6 * exact.item()
+    for a, b in zip(g32, g64):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_qfl_sum_bf16_levels_get_bf16_gradients():
+    levels, valid, labels, quality, dense = _qfl_case(torch.float32, seed=3)
+    lb = [x.detach().bfloat16().requires_grad_() for x in levels]
+    fused = fqfl.fused_qfl_sum(lb, valid, labels, quality)  # computed in float32
+    ref = _readable([x.detach().float() for x in lb], valid, dense)
+    assert fused.dtype == torch.float32 and abs(fused.item() - ref.item()) <= 1e-5 * ref.item()
+    grads = torch.autograd.grad(fused, lb)
+    assert all(g.dtype == torch.bfloat16 and g.shape == x.shape for g, x in zip(grads, lb))
+
+
+@pytest.mark.parametrize("hw", [(400, 608), (401, 607), (7, 9), (1, 1), (2, 3), (3, 2)])
+def test_stem_max_pool_equals_max_pool2d_bit_for_bit(hw):
+    g = torch.Generator().manual_seed(hw[0] * 1000 + hw[1])
+    x = torch.randn(2, 5, *hw, generator=g)
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates into every window that holds it
+    x[1, 1].fill_(float("-inf"))  # all -inf windows stay -inf (the padding is -inf too)
+    x[1, 2, :, 0] = 1e30
+    got, ref = stem_max_pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1)
+    assert got.shape == ref.shape and got.is_contiguous()
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.nan_to_num(0.5), ref.nan_to_num(0.5))
+
+
+def test_separable_stem_pool_only_where_no_gradient_flows(monkeypatch):
+    """The separable pool runs in inference and behind a frozen stem; a trainable stem keeps
+    MaxPool2d's kernel, whose gradient takes one maximum per window. Outputs and gradients equal
+    a model with the plain pool."""
+    calls = []
+    real = fpool.stem_max_pool
+    monkeypatch.setattr(fpool, "stem_max_pool", lambda x: calls.append(1) or real(x))
+    torch.manual_seed(0)
+    fast = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
+    assert use_separable_stem_pool(fast) and isinstance(fast.maxpool, SeparableStemMaxPool)
+    plain = ResNet(depth=18, base_channels=8, frozen_stages=-1, norm_eval=True)
+    plain.load_state_dict(fast.state_dict())
+    assert type(plain.maxpool) is torch.nn.MaxPool2d
+    x = torch.randn(2, 3, 67, 93)
+    with torch.no_grad():
+        for a, b in zip(fast(x), plain(x)):
+            assert torch.equal(a, b)
+    assert len(calls) == 1  # inference: the separable passes
+    fast.train(), plain.train()
+    sum(o.sum() for o in fast(x)).backward()
+    sum(o.sum() for o in plain(x)).backward()
+    assert len(calls) == 1  # a trainable stem: MaxPool2d
+    assert fast.conv1.weight.grad is not None
+    assert torch.equal(fast.conv1.weight.grad, plain.conv1.weight.grad)
+    frozen = ResNet(depth=18, base_channels=8, frozen_stages=1).train()
+    use_separable_stem_pool(frozen)
+    sum(o.sum() for o in frozen(x)).backward()
+    assert len(calls) == 2  # frozen stem in training: no gradient reaches the pool, separable
+
+
+def test_use_separable_stem_pool_leaves_other_pools():
+    r = ResNet(depth=18, base_channels=8)
+    r.maxpool = torch.nn.MaxPool2d(2, 2)
+    assert not use_separable_stem_pool(r) and type(r.maxpool) is torch.nn.MaxPool2d
+
+
+def test_build_detector_fast_switches():
+    from gfl_det.models import build_detector
+    cfg = dict(backbone=dict(depth=18, base_channels=8, init_cfg=None), neck=dict(in_channels=[8, 16, 32, 64],
+               out_channels=32), bbox_head=dict(num_classes=3, in_channels=32, feat_channels=32, stacked_convs=1))
+    m = build_detector(cfg)
+    assert isinstance(m.backbone.maxpool, SeparableStemMaxPool) and not m.criterion.fused_qfl
+    m = build_detector(dict(cfg, fast=dict(stem_pool=False, fused_qfl=True)))
+    assert type(m.backbone.maxpool) is torch.nn.MaxPool2d and m.criterion.fused_qfl
+    with pytest.raises(ValueError, match="model.fast.winograd"):
+        build_detector(dict(cfg, fast=dict(winograd=True)))
+    with pytest.raises(ValueError, match="fused_qfl implements QFL with beta 2 only"):
+        build_detector(dict(cfg, fast=dict(fused_qfl=True),
+                            bbox_head=dict(cfg['bbox_head'], loss_cls=dict(type='QualityFocalLoss', beta=1.5))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import torch
 
@@ -14,7 +15,7 @@ from test_engine_e2e import ROOT, scalars, write_tiny_config
 def test_dist_train_two_processes(tmp_path):
     cfg = write_tiny_config(tmp_path / 'tiny.py', tmp_path / 'synthetic', max_epochs=1)
     wd = tmp_path / 'work'
-    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(29500 + os.getpid() % 1000))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(29500 + os.getpid() % 1000), PYTHON=sys.executable)
     r = subprocess.run(['bash', 'tools/dist_train.sh', str(cfg), '2', '--work-dir', str(wd)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -25,3 +26,12 @@ def test_dist_train_two_processes(tmp_path):
     recs = scalars(wd)
     assert [r['iter'] for r in recs if 'loss' in r] == [1, 2]
     assert any('coco/bbox_mAP' in r for r in recs)
+
+
+def test_dist_train_names_an_interpreter_without_gfl_det(tmp_path):
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\nexit 1\n')
+    fake.chmod(0o755)
+    r = subprocess.run(['bash', 'tools/dist_train.sh', 'configs/gfl_r18_synthetic.py', '2'], cwd=ROOT,
+                       env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f'{fake} cannot import gfl_det' in r.stderr, r.stderr

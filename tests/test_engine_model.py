@@ -13,7 +13,7 @@ from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.optim import OptimWrapper as MMOptimWrapper
 
 from gfl_det import mm
-from gfl_det.data import collate
+from gfl_det.data import AspectRatioBatchSampler, collate
 from gfl_det.models import GFL
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -58,16 +58,18 @@ def test_forward_modes_and_preprocessor():
     data = batch()
     out = model.data_preprocessor(data, True)
     assert out['inputs'].dtype == torch.uint8  # normalised later, on the device, by the model
-    assert set(out['data_samples']) == {'metas', 'gt_boxes', 'gt_labels', 'gt_valid'}
+    assert set(out['data_samples']) == {'metas', 'targets'}
+    assert out['data_samples']['targets'] is not data['targets']  # moved (to the model's device)
+    assert torch.equal(out['data_samples']['targets'].boxes, data['targets'].boxes)
     losses = model(**out, mode='loss')
     assert set(losses) == {'loss_cls', 'loss_bbox', 'loss_dfl'}
     assert all(torch.isfinite(v) for v in losses.values())
     model.eval()
     preds = model.val_step(data)
     assert [p['img_id'] for p in preds] == [0, 1]
-    assert set(preds[0]) >= {'bboxes', 'scores', 'labels'}
-    cls, reg = model(model.data_preprocessor(data)['inputs'], data['metas'], mode='tensor')
-    assert len(cls) == 5 and cls[0].shape[:2] == (2, 4) and reg[0].shape[1] == 4 * 17
+    assert set(preds[0]) >= {'bboxes', 'scores', 'labels', 'prior_idx'}
+    out = model(model.data_preprocessor(data)['inputs'], data['metas'], mode='tensor')
+    assert len(out.cls) == 5 and out.cls[0].shape[:2] == (2, 4) and out.reg[0].shape[1] == 4 * 17
     with pytest.raises(ValueError, match='pad_size_divisor'):
         model.data_preprocessor(dict(data, inputs=data['inputs'][..., :100]))
 
@@ -136,9 +138,9 @@ def test_aspect_ratio_batch_sampler_counts_are_equal_on_every_rank():
     for n in (1, 5, 7, 8, 13):
         for _ in range(5):
             share = rng.permutation(len(flags))[:n].tolist()
-            s = mm.AspectRatioBatchSampler(share, batch_size=4, aspect_flags=flags)
+            s = AspectRatioBatchSampler(share, batch_size=4, aspect_flags=flags)
             batches = list(s)
             assert len(batches) == len(s) == -(-n // 4)
             assert sorted(i for b in batches for i in b) == sorted(share)
-            dl = mm.AspectRatioBatchSampler(share, batch_size=4, drop_last=True, aspect_flags=flags)
+            dl = AspectRatioBatchSampler(share, batch_size=4, drop_last=True, aspect_flags=flags)
             assert len(list(dl)) == len(dl) == n // 4

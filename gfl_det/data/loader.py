@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from functools import partial
 from typing import Iterator, Optional, Sequence
@@ -43,19 +42,24 @@ def aspect_flags_of(dataset) -> np.ndarray:
 
 
 class AspectRatioBatchSampler(BatchSampler):
-    """Group indices from ``sampler`` into batches of one orientation.
+    """Group indices from ``sampler`` into batches of one orientation, as MMDetection's.
 
-    Indices are dealt into two buckets (w >= h, w < h) in the order the sampler yields them;
-    a bucket is emitted as soon as it holds ``batch_size`` indices. At the end of the sampler
-    the remainders are emitted as smaller batches, one bucket each (deviation from mmdet, which
-    merges the two remainders into mixed batches: here orientations never mix), or dropped with
-    ``drop_last``.
+    Indices are dealt into two buckets (w >= h, w < h) in the order the sampler yields them; a
+    bucket is emitted as soon as it holds ``batch_size`` indices. At the end of the sampler the
+    two remainders are put together and cut into batches (so at most one batch of an epoch mixes
+    orientations), the last one smaller unless ``drop_last`` drops it.
+
+    Why merge the remainders: every rank of a distributed run must make the same number of steps
+    per epoch (DDP's all-reduce otherwise waits forever at the end of the epoch). Emitting each
+    bucket's remainder on its own would make the count depend on the orientation mix of each
+    rank's share; merging makes it exactly ``ceil(n / batch_size)`` (``floor`` with
+    ``drop_last``) on every rank, and ``len()`` exact.
 
     Args:
         sampler: yields dataset indices (torch or mmengine sampler); its ``dataset`` /
             ``data_source`` gives the image sizes unless ``aspect_flags`` is given.
         batch_size: images per batch.
-        drop_last: drop the incomplete batches.
+        drop_last: drop the incomplete batch.
         aspect_flags: optional (N,) 0/1 per dataset index.
     """
 
@@ -84,22 +88,16 @@ class AspectRatioBatchSampler(BatchSampler):
             if len(bucket) == self.batch_size:
                 yield bucket[:]
                 del bucket[:]
-        if not self.drop_last:
-            for bucket in buckets:
-                if bucket:
-                    yield bucket
+        left = buckets[0] + buckets[1]
+        while left:
+            if len(left) < self.batch_size and self.drop_last:
+                break
+            yield left[:self.batch_size]
+            left = left[self.batch_size:]
 
     def __len__(self) -> int:
-        """Exact when the sampler yields every dataset index once (RandomSampler,
-        SequentialSampler, mmengine's DefaultSampler on one process); otherwise estimated
-        from the dataset's orientation mix."""
         n = len(self.sampler)
-        counts = np.bincount(self.flags, minlength=2).astype(np.float64)
-        if n != len(self.flags):
-            counts = np.round(counts / max(counts.sum(), 1) * n)
-        if self.drop_last:
-            return int(sum(c // self.batch_size for c in counts))
-        return int(sum(math.ceil(c / self.batch_size) for c in counts))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
 def worker_init_fn(worker_id: int, **unused) -> None:
@@ -134,7 +132,7 @@ def build_dataloader(dataset: Dataset, batch_size: int = 2, *, train: bool = Tru
         train: shuffle (seeded) if True, dataset order if False.
         num_workers: worker processes decoding and augmenting (0 = in this process).
         seed: seeds the shuffling and the workers' augmentation streams.
-        aspect_ratio_grouping: :class:`AspectRatioBatchSampler` (never mixes orientations).
+        aspect_ratio_grouping: :class:`AspectRatioBatchSampler` (batches of one orientation).
         drop_last: drop incomplete batches.
         pin_memory: page-locked batches for fast host-to-GPU copies (default: CUDA present).
         persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).

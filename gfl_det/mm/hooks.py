@@ -1,0 +1,193 @@
+"""gfl_det's hooks: losses logged with one host sync per interval, pictures of the predictions,
+validation kept out of the random streams, and a report of bad input."""
+from __future__ import annotations
+
+import os
+import os.path as osp
+from typing import Any, Optional, Sequence
+
+import torch
+from mmengine.hooks import Hook, LoggerHook, RuntimeInfoHook
+from mmengine.model import is_model_wrapper
+from torch import Tensor
+
+from .. import data as gdata
+from ..resume import capture_rng_state, restore_rng_state
+from .optim import DeferredScalars
+from .registry import HOOKS
+
+__all__ = ['DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook', 'DataReportHook']
+
+
+@HOOKS.register_module()
+class DeferredRuntimeInfoHook(RuntimeInfoHook):
+    """mmengine's ``RuntimeInfoHook`` (epoch/iter/lr/metrics into the MessageHub) that keeps the
+    per-iteration losses (and the grad norm) on the device and hands them to the MessageHub in
+    ONE host sync per logging interval, just before the LoggerHook reads them.
+
+    The MessageHub ends up holding exactly what mmengine's hook would have put there (one value
+    per iteration), so the smoothed log lines are the same; mmengine's hook calls ``.item()`` on
+    every loss every iteration, which stalls the GPU queue.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        self._pending: list[dict] = []
+        loggers = [h for h in runner.hooks if isinstance(h, LoggerHook)]
+        self._interval = loggers[0].interval if loggers else 1
+        ow = runner.optim_wrapper
+        if isinstance(ow, DeferredScalars):
+            ow.defer_scalars = True
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
+                         outputs: Optional[dict] = None) -> None:
+        if getattr(runner.optim_wrapper, 'step_skipped', False):
+            outputs = None  # non-finite losses of a skipped step: counted and logged by the guard
+        vals = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in (outputs or {}).items()}
+        if isinstance(runner.optim_wrapper, DeferredScalars):
+            vals.update(runner.optim_wrapper.pop_pending_scalars())
+        self._pending.append(vals)
+        if (self.every_n_inner_iters(batch_idx, self._interval)
+                or self.every_n_train_iters(runner, self._interval)
+                or self.end_of_epoch(runner.train_dataloader, batch_idx)
+                or runner.iter + 1 >= runner.max_iters):
+            self.flush(runner)
+
+    def flush(self, runner) -> None:
+        """Write the pending values to the MessageHub (one device->host copy for all)."""
+        pending, self._pending = getattr(self, '_pending', []), []
+        if not pending:
+            return
+        tensors = [v for d in pending for v in d.values() if isinstance(v, Tensor)]
+        host = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist()) if tensors else None
+        for d in pending:
+            for k, v in d.items():
+                runner.message_hub.update_scalar(f'train/{k}', next(host) if isinstance(v, Tensor) else v)
+
+    def before_val(self, runner) -> None:
+        self.flush(runner)
+        super().before_val(runner)
+
+    def after_train(self, runner) -> None:
+        self.flush(runner)
+        super().after_train(runner)
+
+
+@HOOKS.register_module()
+class DrawPredictionsHook(Hook):
+    """Writes each test image with its predicted boxes, class names and scores to ``out_dir``
+    (same file name as the image)."""
+
+    def __init__(self, out_dir: str, score_thr: float = 0.3):
+        self.out_dir = out_dir
+        self.score_thr = score_thr
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch: Any = None,
+                        outputs: Optional[Sequence[dict]] = None) -> None:
+        import cv2
+
+        from ..visualize import draw_detections
+        dataset = runner.test_dataloader.dataset
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        names = getattr(model, 'class_names', None) or getattr(dataset, 'classes', None)
+        os.makedirs(self.out_dir, exist_ok=True)
+        for pred, meta in zip(outputs or [], data_batch['metas']):
+            if meta.get('load_failed'):
+                continue
+            img = gdata.load_image(osp.join(dataset.img_dir, meta['file_name']))
+            drawn = draw_detections(img, pred, names, self.score_thr)
+            cv2.imwrite(osp.join(self.out_dir, osp.basename(meta['file_name'])),
+                        cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+
+
+@HOOKS.register_module()
+class ValRandomStateHook(Hook):
+    """Validation leaves the random number generators as it found them (states saved in
+    ``before_val``, put back in ``after_val``).
+
+    Why: a checkpoint is written at the end of an epoch, *before* that epoch's validation, and
+    holds the generators' states (:meth:`GFLRunner.save_checkpoint`); the resumed run goes
+    straight on with training. Validation draws from torch's generator (every DataLoader
+    iterator draws a base seed), so without this the uninterrupted run and the resumed one
+    would train on differently seeded data. As a bonus, ``val_interval`` no longer changes the
+    training trajectory. :class:`GFLRunner` registers it itself.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_val(self, runner) -> None:
+        self._state = capture_rng_state()
+
+    def after_val(self, runner) -> None:
+        state = getattr(self, '_state', None)
+        if state is not None:
+            restore_rng_state(state)
+            self._state = None
+
+
+@HOOKS.register_module()
+class DataReportHook(Hook):
+    """Reports bad input in the run's log (and so in the log file), with counts and file names.
+
+    * before training / validation / testing: what the dataset skipped or repaired when it was
+      loaded (:class:`gfl_det.data.SkipReport`: missing files, bad boxes, unknown ids, ...);
+    * during training: images that failed to decode (or disagreed with the JSON) and were
+      replaced by another image -- collected from the batch metas, so those found in DataLoader
+      worker processes count too -- one warning line per iteration that had any;
+    * after training: the whole training report (load time + this run's replacements).
+
+    Images that fail in evaluation are counted by :class:`CocoMetric`. :class:`GFLRunner`
+    registers this hook itself.
+    """
+
+    priority = 'BELOW_NORMAL'
+
+    def __init__(self) -> None:
+        self.runtime = gdata.SkipReport()
+        self._load_report = gdata.SkipReport()
+        self._reported: set = set()
+
+    def _report_dataset(self, runner, loader: Any, what: str) -> None:
+        ds = getattr(loader, 'dataset', None)
+        rep = getattr(ds, 'skipped', None)
+        if not isinstance(rep, gdata.SkipReport) or id(ds) in self._reported:
+            return
+        self._reported.add(id(ds))
+        if rep.total:
+            runner.logger.warning(f'{what} data {getattr(ds, "ann_file", "")}: {len(ds)} images in '
+                                  f'use; found at load (skipped, or repaired as noted):\n{rep}')
+
+    def before_train(self, runner) -> None:
+        loader = runner.train_dataloader
+        self._report_dataset(runner, loader, 'training')
+        rep = getattr(getattr(loader, 'dataset', None), 'skipped', None)
+        self._load_report = gdata.SkipReport().merge(rep) if isinstance(rep, gdata.SkipReport) \
+            else gdata.SkipReport()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
+                         outputs: Optional[dict] = None) -> None:
+        metas = data_batch.get('metas') if isinstance(data_batch, dict) else None
+        if not metas or not any('skipped' in m for m in metas):
+            return
+        new = gdata.SkipReport().add_from_metas(metas)
+        self.runtime.merge(new)
+        runner.logger.warning(
+            f'iteration {runner.iter + 1}: {new.total} bad image(s) replaced by other images in '
+            'this batch: ' + '; '.join(f'{r} {", ".join(new.files(r))}' for r in sorted(new.counts))
+            + f' ({self.runtime.total} replaced in this run so far)')
+
+    def after_train(self, runner) -> None:
+        total = gdata.SkipReport().merge(self._load_report).merge(self.runtime)
+        if total.total:
+            runner.logger.warning('training data report (skipped at load, and bad images '
+                                  f'replaced during this run):\n{total}')
+        else:
+            runner.logger.info('training data report: no problems')
+
+    def before_val(self, runner) -> None:
+        self._report_dataset(runner, runner.val_dataloader, 'validation')
+
+    def before_test(self, runner) -> None:
+        self._report_dataset(runner, runner.test_dataloader, 'test')

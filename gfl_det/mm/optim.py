@@ -1,0 +1,243 @@
+"""Optimizer wrappers: the gradient norm kept on the device until it is logged (no host sync
+per iteration), a guard against non-finite steps, and mixed precision that also runs on the CPU."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Union
+
+import torch
+from mmengine.logging import MMLogger
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper as _MMOptimWrapper
+from torch import Tensor
+
+from ..guard import NonFiniteGuard
+from .registry import OPTIM_WRAPPERS
+
+__all__ = ['OptimWrapper', 'AmpOptimWrapper', 'DeferredScalars']
+
+
+class DeferredScalars:
+    """Mixin for OptimWrapper: keep the gradient norm on the device (mmengine calls
+    ``float(grad_norm)`` every iteration, a host sync) until :class:`DeferredRuntimeInfoHook`
+    collects it; without that hook it logs immediately, as mmengine does."""
+
+    defer_scalars = False
+
+    def _clip_grad(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g['params']
+                  if p.requires_grad and p.grad is not None]
+        if not params:
+            return
+        grad = self.clip_func(params, **self.clip_grad_kwargs)
+        if grad is None:  # clip_grad_value_
+            return
+        if self.defer_scalars:
+            self.pending_scalars = getattr(self, 'pending_scalars', {})
+            self.pending_scalars[self.grad_name] = grad.detach()
+        else:
+            self.message_hub.update_scalar(f'train/{self.grad_name}', float(grad))
+
+    def pop_pending_scalars(self) -> dict:
+        out, self.pending_scalars = getattr(self, 'pending_scalars', {}), {}
+        return out
+
+
+_DEFAULT_GUARD = dict(max_consecutive=5)
+
+
+@OPTIM_WRAPPERS.register_module(name='OptimWrapper')
+class OptimWrapper(DeferredScalars, _MMOptimWrapper):
+    """mmengine's ``OptimWrapper`` (grad clipping, accumulation) with the deferred grad norm and
+    a guard against non-finite steps.
+
+    ``optim_wrapper = dict(type='OptimWrapper', optimizer=..., nonfinite_guard=dict(
+    max_consecutive=5))`` (the default; ``nonfinite_guard=None`` turns it off). After backward
+    the total loss and every gradient are reduced on the device to one flag, read once per
+    iteration (one host sync; all-reduced across ranks so that every rank decides alike). A
+    non-finite step is *skipped*: no optimizer step, gradients zeroed, and the model's buffers
+    (BatchNorm running statistics, which the forward pass already updated, possibly with NaN)
+    put back as they were before the forward pass -- so the model is exactly as before the step.
+    It is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from the first
+    skip on; the count is saved in checkpoints with the optimizer state) and logged with the
+    iteration (1-based, as mmengine's logs) and the loss term(s) that are non-finite, or the
+    parameters whose gradient is. :class:`DeferredRuntimeInfoHook` leaves a skipped step's
+    losses out of the logged (smoothed) values, so one NaN does not turn the next 50 log lines
+    into NaN. ``max_consecutive`` skipped steps in a row raise
+    :class:`gfl_det.guard.NonFiniteLossError` (:class:`GFLRunner` adds the last good checkpoint
+    to the message; nothing is saved from the broken state). The lr schedule moves on through a
+    skipped iteration, as it does for any iteration.
+
+    With gradient accumulation (``accumulative_counts > 1``) a bad micro-batch also discards the
+    gradients accumulated before it in its window. For mixed precision see
+    :class:`AmpOptimWrapper`.
+    """
+
+    _guard_grads = True  # AmpOptimWrapper: False when its GradScaler checks the gradients
+    step_skipped = False  # the last update_params was skipped by the guard
+
+    def __init__(self, *args: Any, nonfinite_guard: Union[dict, bool, None] = _DEFAULT_GUARD,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if nonfinite_guard is None or nonfinite_guard is False:
+            self.guard: Optional[NonFiniteGuard] = None
+        else:
+            cfg = {} if nonfinite_guard is True else dict(nonfinite_guard)
+            cfg.pop('type', None)
+            self.guard = NonFiniteGuard(logger=MMLogger.get_current_instance(), **cfg)
+        self._guard_model: Optional[torch.nn.Module] = None
+        self._guard_bufs: list = []
+        self._guard_backup: list = []
+
+    # ------------------------------------------------------------------ non-finite guard
+    @contextlib.contextmanager
+    def optim_context(self, model: torch.nn.Module):
+        if self.guard is not None:
+            self._guard_snapshot(model)
+        with super().optim_context(model):
+            yield
+
+    def _guard_snapshot(self, model: torch.nn.Module) -> None:
+        """Remember the model (to name loss terms / parameters) and copy its buffers, which the
+        coming forward pass changes (BatchNorm running stats), into a reused backup."""
+        m = model.module if is_model_wrapper(model) else model
+        self._guard_model = m
+        bufs = list(m.buffers())
+        with torch.no_grad():
+            if (len(bufs) != len(self._guard_bufs)
+                    or any(a is not b for a, b in zip(bufs, self._guard_bufs))):
+                self._guard_bufs = bufs
+                self._guard_backup = [b.detach().clone() for b in bufs]
+            elif bufs:
+                torch._foreach_copy_(self._guard_backup, bufs)
+
+    def _step_nonfinite(self, loss: Tensor) -> bool:
+        grads = ([p.grad for g in self.optimizer.param_groups for p in g['params']
+                  if p.grad is not None] if self._guard_grads else [])
+        flag = NonFiniteGuard.nonfinite(loss, grads)
+        import torch.distributed as tdist
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            flag = flag.to(torch.int32)
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag)  # the one host sync
+
+    def _skip_step(self, zero_kwargs: dict) -> None:
+        m = self._guard_model
+        if m is not None:
+            named = list(m.named_parameters())
+            terms = getattr(m, 'last_loss_terms', None)
+        else:
+            named = [(f'param_groups[{i}][{j}]', p) for i, g in enumerate(self.optimizer.param_groups)
+                     for j, p in enumerate(g['params'])]
+            terms = None
+        reason = NonFiniteGuard.describe(terms, named)
+        self.zero_grad(**zero_kwargs)
+        if m is not None and self._guard_bufs:
+            with torch.no_grad():
+                torch._foreach_copy_(self._guard_bufs, self._guard_backup)
+        it = self.message_hub.get_info('iter')
+        try:
+            self.guard.skip(None if it is None else int(it) + 1, reason)
+        finally:
+            self.message_hub.update_scalar('train/nonfinite_skipped', self.guard.skipped)
+
+    def update_params(self, loss: Tensor, step_kwargs: Optional[dict] = None,
+                      zero_kwargs: Optional[dict] = None) -> None:
+        if self.guard is None:
+            return super().update_params(loss, step_kwargs, zero_kwargs)
+        loss = self.scale_loss(loss)
+        self.backward(loss)
+        self.step_skipped = self._step_nonfinite(loss)
+        if self.step_skipped:
+            self._skip_step(zero_kwargs or {})
+            return
+        self.guard.passed()
+        if self.should_update():
+            self.step(**(step_kwargs or {}))
+            self.zero_grad(**(zero_kwargs or {}))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.guard is not None:
+            state['nonfinite_guard'] = self.guard.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        guard = state_dict.pop('nonfinite_guard', None)
+        if guard and self.guard is not None:
+            self.guard.load_state_dict(guard)
+        super().load_state_dict(state_dict)
+
+
+@OPTIM_WRAPPERS.register_module(name='AmpOptimWrapper')
+class AmpOptimWrapper(OptimWrapper):
+    """Mixed precision that also runs on the CPU (mmengine's refuses to be built without a GPU).
+
+    Non-finite steps: with float16 the GradScaler owns the gradient check -- a step whose
+    (scaled) gradients overflow is skipped by ``GradScaler.step`` and the scale is lowered, the
+    normal dynamic loss-scaling mechanism; the guard of :class:`OptimWrapper` does not count
+    those (no double counting, no stop) and checks only the loss itself (a NaN/Inf loss is not
+    a scaling problem: it is skipped and counted as without AMP, and the scaler is left as it
+    was). With bfloat16 (no loss scaling) the guard checks loss and gradients as without AMP.
+    The scaler's state (scale, growth tracker) is saved in checkpoints and restored on resume.
+
+    Args:
+        dtype: ``'float16'``, ``'bfloat16'`` or None/``'auto'``: float16 on CUDA, bfloat16 on the
+            CPU (the CPU autocast type).
+        loss_scale: ``'dynamic'``, a float (static scale) or GradScaler kwargs; used only with
+            float16 (bfloat16 has float32's range and needs no loss scaling).
+    """
+
+    def __init__(self, dtype: Union[str, torch.dtype, None] = None,
+                 loss_scale: Union[str, float, dict] = 'dynamic', **kwargs: Any):
+        super().__init__(**kwargs)
+        self.device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if dtype in (None, 'auto'):
+            dtype = torch.float16 if self.device_type == 'cuda' else torch.bfloat16
+        elif isinstance(dtype, str):
+            if dtype not in ('float16', 'bfloat16'):
+                raise ValueError(f"AmpOptimWrapper dtype must be 'float16' or 'bfloat16', got {dtype!r}")
+            dtype = getattr(torch, dtype)
+        self.cast_dtype = dtype
+        self._scale_update_param = None
+        scaler_kwargs: dict = {}
+        if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+            self._scale_update_param = float(loss_scale)
+            scaler_kwargs = dict(init_scale=float(loss_scale))
+        elif isinstance(loss_scale, dict):
+            scaler_kwargs = dict(loss_scale)
+        elif loss_scale != 'dynamic':
+            raise TypeError(f"loss_scale must be 'dynamic', a float or a dict, got {loss_scale!r}")
+        self.loss_scaler = torch.amp.GradScaler(self.device_type,
+                                                enabled=dtype == torch.float16, **scaler_kwargs)
+        self._guard_grads = not self.loss_scaler.is_enabled()
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        self.loss_scaler.scale(loss).backward(**kwargs)
+        self._inner_count += 1
+
+    def step(self, **kwargs: Any) -> None:
+        if self.clip_grad_kwargs:
+            self.loss_scaler.unscale_(self.optimizer)
+            self._clip_grad()
+        self.loss_scaler.step(self.optimizer, **kwargs)
+        self.loss_scaler.update(self._scale_update_param)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state['loss_scaler'] = self.loss_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        scaler = state_dict.pop('loss_scaler', None)
+        if scaler:
+            self.loss_scaler.load_state_dict(scaler)
+        super().load_state_dict(state_dict)
+
+    @contextlib.contextmanager
+    def optim_context(self, model: torch.nn.Module):
+        with super().optim_context(model), \
+                torch.autocast(device_type=self.device_type, dtype=self.cast_dtype):
+            yield

@@ -1,0 +1,365 @@
+"""mmengine's Runner with gfl_det's checkpoint policy.
+
+Checkpoint policy (torch >= 2.6 loads with ``weights_only=True`` by default, which mmengine
+0.10.7 predates, so its own resume fails on its own files):
+
+* :meth:`GFLRunner.save_checkpoint` writes with :func:`gfl_det.checkpoint.atomic_save` (a kill
+  never leaves a half-written ``epoch_N.pth``) and stores only plain data: mmengine's MessageHub
+  (``HistoryBuffer`` objects, numpy values) is encoded as plain dicts and lists. So every file
+  our runner writes also loads with ``weights_only=True`` -- in tools/test.py, tools/demo.py,
+  ``load_from`` and in MMDetection itself.
+* :meth:`GFLRunner.resume` (``--resume``) loads our own work_dir checkpoints as TRUSTED
+  (:func:`gfl_det.checkpoint.load_trusted`), so a checkpoint written by plain mmengine/mmdet
+  resumes too.
+* ``load_from`` and every other checkpoint (model zoo, fine-tuning) go through
+  :func:`gfl_det.checkpoint.load_untrusted` (``weights_only=True``); we never fall back to
+  unsafe loading.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import os.path as osp
+import time
+from collections import OrderedDict
+from typing import Any, Optional, Union
+
+import mmengine
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.dist import master_only
+from mmengine.logging import HistoryBuffer, MessageHub, MMLogger
+from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import weights_to_cpu
+from mmengine.utils import apply_to
+
+from ..checkpoint import atomic_save, load_trusted, load_untrusted, load_weights
+from ..resume import capture_rng_state, find_latest_checkpoint, remove_partial_saves, restore_rng_state
+from ..guard import NonFiniteGuard, NonFiniteLossError
+from .hooks import DataReportHook, ValRandomStateHook
+from .registry import FUNCTIONS, RUNNERS
+
+__all__ = ['GFLRunner', 'MemoConfig', 'encode_message_hub', 'decode_message_hub']
+
+
+class MemoConfig(Config):
+    """mmengine's ``Config`` whose ``pretty_text`` is computed once per content.
+
+    mmengine formats ``pretty_text`` with yapf on every call (~0.4 s on a CPU), and a training
+    run asks for it at least five times when it starts plus once per checkpoint: a few seconds
+    per run, most of a short one's start-up. :class:`GFLRunner` runs on this subclass; the text
+    is the same, memoised on ``repr(cfg.to_dict())`` (a changed config is formatted again)."""
+
+    @classmethod
+    def of(cls, cfg: Config) -> 'MemoConfig':
+        if isinstance(cfg, cls):
+            return cfg
+        other = cls.__new__(cls)
+        other.__dict__.update(cfg.__dict__)
+        return other
+
+    @property
+    def pretty_text(self) -> str:
+        key = (repr(self.to_dict()), bool(getattr(self, '_format_python_code', True)))
+        memo = self.__dict__.get('_pretty_memo')
+        if memo is None or memo[0] != key:
+            memo = (key, Config.pretty_text.fget(self))
+            super(Config, self).__setattr__('_pretty_memo', memo)
+        return memo[1]
+
+
+_HB = '__history_buffer__'
+
+
+def encode_message_hub(state: dict) -> dict:
+    """mmengine ``MessageHub.state_dict()`` -> plain data that ``weights_only=True`` loads:
+    each ``HistoryBuffer`` becomes ``{'__history_buffer__': True, 'log_history': [...],
+    'count_history': [...], 'max_length': n}``; numpy values become Python numbers / lists."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, HistoryBuffer):
+            log, count = x.data
+            return {_HB: True, 'log_history': np.asarray(log, np.float64).tolist(),
+                    'count_history': np.asarray(count, np.float64).tolist(),
+                    'max_length': int(x.max_length)}
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(plain(v) for v in x)
+        return x
+    return plain(state)
+
+
+def decode_message_hub(state: dict) -> dict:
+    """Inverse of :func:`encode_message_hub` (a plain mmengine state dict passes unchanged)."""
+    def back(x: Any) -> Any:
+        if isinstance(x, dict) and x.get(_HB):
+            return HistoryBuffer(x['log_history'], x['count_history'], x['max_length'])
+        if isinstance(x, dict):
+            return OrderedDict((k, back(v)) for k, v in x.items())
+        return x
+    out = dict(state)
+    out['log_scalars'] = back(state.get('log_scalars', {}))
+    return out
+
+
+def _local_checkpoint(filename: str) -> str:
+    """A local path for ``filename``; http(s) URLs are downloaded to torch's hub cache first."""
+    if filename.startswith(('http://', 'https://')):
+        from urllib.parse import urlparse
+        dst = osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(urlparse(filename).path))
+        if not osp.isfile(dst):
+            os.makedirs(osp.dirname(dst), exist_ok=True)
+            torch.hub.download_url_to_file(filename, dst)
+        return dst
+    if '://' in filename:
+        raise ValueError(f'cannot load {filename!r}: give a local file or an http(s) URL')
+    return filename
+
+
+@RUNNERS.register_module()
+class GFLRunner(Runner):
+    """mmengine's Runner with gfl_det's checkpoint policy (see the module docstring) and data
+    loader defaults (``pin_memory`` when CUDA is present)."""
+
+    _trusted_load = False
+    _resumed_rng: Optional[dict] = None
+
+    def __init__(self, *args: Any, cfg: Optional[Union[Config, dict]] = None, **kwargs: Any):
+        if isinstance(cfg, dict) and not isinstance(cfg, Config):
+            cfg = Config(cfg)
+        super().__init__(*args, cfg=None if cfg is None else MemoConfig.of(cfg), **kwargs)
+
+    # ------------------------------------------------------------------ hooks, train
+    def register_hooks(self, default_hooks: Optional[dict] = None,
+                       custom_hooks: Optional[list] = None) -> None:
+        """mmengine's, plus :class:`ValRandomStateHook` and :class:`DataReportHook` unless the
+        config already has them."""
+        super().register_hooks(default_hooks, custom_hooks)
+        for cls in (ValRandomStateHook, DataReportHook):
+            if not any(isinstance(h, cls) for h in self._hooks):
+                self.register_hook(cls())
+
+    def train(self) -> torch.nn.Module:
+        """mmengine's; a :class:`NonFiniteLossError` (too many non-finite steps in a row, or
+        non-finite weights at a checkpoint) gets the last good checkpoint added to its message
+        and is logged before it propagates. Nothing is saved from the broken state."""
+        try:
+            return super().train()
+        except NonFiniteLossError as e:
+            ckpt = find_latest_checkpoint(self.work_dir, logger=self.logger)
+            if ckpt is None:
+                where = 'No checkpoint had been written yet.'
+            else:
+                try:
+                    meta = torch.load(ckpt, map_location='cpu', weights_only=False,
+                                      mmap=True).get('meta', {})
+                    at = f" (epoch {meta.get('epoch')}, iteration {meta.get('iter')})"
+                except Exception:  # noqa: BLE001 -- the name is what matters
+                    at = ''
+                where = (f'The last good checkpoint is {ckpt}{at}; continue from it with '
+                         '`tools/train.py CONFIG --resume` once the cause is fixed.')
+            e.args = (f'{e.args[0] if e.args else e} {where} No checkpoint was written from '
+                      'the broken state.',) + tuple(e.args[1:])
+            self.logger.error(e.args[0])
+            raise
+
+    # ------------------------------------------------------------------ logger
+    def build_logger(self, log_level: Union[int, str] = 'INFO', log_file: Optional[str] = None,
+                     **kwargs: Any) -> MMLogger:
+        """mmengine's, with a name of its own: mmengine names the logger and the MessageHub
+        after the config file and the second the run started, and ``get_instance`` hands back
+        an existing instance of that name -- so a second run of the same config started in the
+        same second of the same process (``tools/test.py`` after ``tools/train.py`` in a
+        notebook) would write into the first run's log file and share its MessageHub. A suffix
+        (``_2``, ``_3``, ...) keeps them apart."""
+        if 'name' not in kwargs and MMLogger.check_instance_created(self._experiment_name):
+            base, i = self._experiment_name, 2
+            while (MMLogger.check_instance_created(f'{base}_{i}')
+                   or MessageHub.check_instance_created(f'{base}_{i}')):
+                i += 1
+            self._experiment_name = f'{base}_{i}'
+        return super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
+
+    # ------------------------------------------------------------------ CPU multi-process
+    def setup_env(self, env_cfg: dict) -> None:
+        """mmengine's pytorch launcher calls ``torch.cuda.set_device``; without CUDA we start the
+        process group ourselves (gloo), so that torchrun also works on CPU-only machines."""
+        import torch.distributed as tdist
+        if (self.distributed and self.launcher == 'pytorch' and not torch.cuda.is_available()
+                and not tdist.is_initialized()):
+            tdist.init_process_group(backend='gloo')
+        super().setup_env(env_cfg)
+
+    def wrap_model(self, model_wrapper_cfg: Optional[dict], model: torch.nn.Module) -> Any:
+        if self.distributed and not torch.cuda.is_available() and model_wrapper_cfg is None:
+            # DDP over CPU processes takes no device_ids (mmengine passes LOCAL_RANK)
+            model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None)
+        return super().wrap_model(model_wrapper_cfg, model)
+
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def build_dataloader(dataloader: Any, seed: Optional[int] = None,
+                         diff_rank_seed: bool = False) -> Any:
+        if isinstance(dataloader, dict):
+            dataloader = copy.deepcopy(dataloader)
+            if 'pin_memory' not in dataloader:
+                dataloader['pin_memory'] = torch.cuda.is_available()
+            if not dataloader.get('num_workers', 0):
+                dataloader.pop('persistent_workers', None)  # DataLoader refuses it without workers
+            collate = dataloader.get('collate_fn')
+            if isinstance(collate, dict) and isinstance(collate.get('type'), str):
+                # mmengine looks collate functions up in its root registry only
+                fn = FUNCTIONS.get(collate['type'])
+                if fn is not None:
+                    dataloader['collate_fn'] = dict(collate, type=fn)
+        return Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
+
+    # ------------------------------------------------------------------ save
+    @master_only
+    def save_checkpoint(self, out_dir: str, filename: str, file_client_args: Optional[dict] = None,
+                        save_optimizer: bool = True, save_param_scheduler: bool = True,
+                        meta: Optional[dict] = None, by_epoch: bool = True,
+                        backend_args: Optional[dict] = None) -> None:
+        """mmengine's checkpoint contents, written atomically and as plain data only (so it also
+        loads with ``weights_only=True``); local files only."""
+        if file_client_args or backend_args or '://' in str(out_dir):
+            raise NotImplementedError('gfl_det writes checkpoints to local files only')
+        meta = dict(meta or {})
+        if by_epoch:  # called from after_train_epoch, before the epoch counter moves on
+            meta.setdefault('epoch', self.epoch + 1)
+            meta.setdefault('iter', self.iter)
+        else:
+            meta.setdefault('epoch', self.epoch)
+            meta.setdefault('iter', self.iter + 1)
+        meta.update(cfg=self.cfg.pretty_text, seed=self.seed, experiment_name=self.experiment_name,
+                    time=time.strftime('%Y%m%d_%H%M%S', time.localtime()),
+                    mmengine_version=mmengine.__version__)
+        dataset_meta = getattr(self.train_dataloader.dataset, 'metainfo', None)
+        if dataset_meta is not None:
+            meta['dataset_meta'] = copy.deepcopy(dict(dataset_meta))
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        state_dict = model.state_dict()
+        if bool(NonFiniteGuard.nonfinite(grads=[v for v in state_dict.values()
+                                                if v.is_floating_point()])):
+            bad = [k for k, v in state_dict.items()
+                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            raise NonFiniteLossError(
+                f'iteration {self.iter}: the model\'s weights are not finite ({len(bad)} '
+                f'tensor(s), e.g. {", ".join(bad[:3])}); {filename} was NOT written. Training '
+                'stopped; lower the learning rate or enable gradient clipping.')
+        to_cpu = lambda x: apply_to(x, lambda v: hasattr(v, 'cpu'), lambda v: v.cpu())  # noqa: E731
+        checkpoint = {'meta': meta, 'state_dict': weights_to_cpu(state_dict),
+                      'message_hub': to_cpu(encode_message_hub(self.message_hub.state_dict())),
+                      # for an exact resume (restored by resume(); plain tensors and numbers)
+                      'rng_state': capture_rng_state()}
+        if save_optimizer:
+            checkpoint['optimizer'] = to_cpu(self.optim_wrapper.state_dict())
+        if save_param_scheduler and self.param_schedulers is not None:
+            if isinstance(self.param_schedulers, dict):
+                checkpoint['param_schedulers'] = {
+                    k: [s.state_dict() for s in v] for k, v in self.param_schedulers.items()}
+            else:
+                checkpoint['param_schedulers'] = [s.state_dict() for s in self.param_schedulers]
+        self.call_hook('before_save_checkpoint', checkpoint=checkpoint)
+        atomic_save(checkpoint, osp.join(out_dir, filename))
+
+    # ------------------------------------------------------------------ load
+    def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
+                        revise_keys: list = [(r'^module.', '')]) -> dict:  # noqa: B006 (mmengine's)
+        """Weights into the model. Untrusted (``weights_only=True``) unless called by
+        :meth:`resume` or the config says ``load_from_trusted = True``. Non-strict for
+        ``load_from`` (fine-tuning: keys that do not fit are reported and skipped) unless the
+        config says ``load_from_strict = True`` (tools/test.py); strict for resume. Sets
+        ``model.class_names`` from the checkpoint's meta."""
+        path = _local_checkpoint(str(filename))
+        # resume, or the user vouched for load_from (tools/test.py --trust-checkpoint)
+        trusted = self._trusted_load or bool(self.cfg.get('load_from_trusted', False))
+        checkpoint = (load_trusted if trusted else load_untrusted)(path, map_location=map_location)
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get('message_hub'), dict):
+            checkpoint['message_hub'] = decode_message_hub(checkpoint['message_hub'])
+        if self._trusted_load and isinstance(checkpoint, dict):  # resume: see resume()
+            self._resumed_rng = checkpoint.get('rng_state')
+        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        strict = strict or self._trusted_load or bool(self.cfg.get('load_from_strict', False))
+        meta = load_weights(model, checkpoint, strict=strict, logger=self.logger)
+        if meta.get('classes') and hasattr(model, 'class_names'):
+            model.class_names = tuple(meta['classes'])
+            self._check_classes(model.class_names)
+        self._has_loaded = True
+        self.logger.info(f'Loaded {"trusted (resume)" if trusted else "weights-only"} checkpoint '
+                         f'{filename}')
+        return checkpoint
+
+    def _check_classes(self, classes: tuple) -> None:
+        """Warn when the checkpoint's class names differ from the dataset's (labels would be
+        mapped to the wrong categories)."""
+        for loop in (self._test_loop, self._val_loop, self._train_loop):
+            dataset = getattr(getattr(loop, 'dataloader', None), 'dataset', None)
+            names = getattr(dataset, 'classes', None)
+            if names is not None:
+                if tuple(names) != tuple(classes):
+                    self.logger.warning(f'the checkpoint\'s classes {tuple(classes)} differ from the '
+                                        f'dataset\'s {tuple(names)}: label i is evaluated as the '
+                                        f'dataset\'s class i')
+                return
+
+    def resume(self, filename: str, resume_optimizer: bool = True,
+               resume_param_scheduler: bool = True, map_location: Any = 'default') -> None:
+        """mmengine's resume, reading the file as TRUSTED (our own work_dir checkpoint), then
+        putting back the random generators' states saved with it (python, numpy, torch, CUDA;
+        mmengine only re-seeds them, so data augmentation after a resume would differ from an
+        uninterrupted run). The AMP GradScaler state comes back with the optimizer state
+        (:class:`AmpOptimWrapper`), the non-finite skip count too (:class:`OptimWrapper`).
+
+        Not restored: in a distributed run with ``randomness.diff_rank_seed=True`` (each rank
+        had its own states; the checkpoint holds rank 0's), and the states inside DataLoader
+        worker processes -- with ``persistent_workers=True`` those run on from one epoch to the
+        next and restart from their seed after a resume. Bit-exact resume therefore needs
+        ``num_workers=0`` or ``persistent_workers=False`` (mmengine seeds the workers of every
+        epoch alike), a deterministic run on the same hardware, and a resume from an epoch
+        checkpoint (mmengine's EpochBasedTrainLoop restarts a resumed epoch from its first
+        batch).
+        """
+        self._trusted_load = True
+        self._resumed_rng = None
+        try:
+            super().resume(filename, resume_optimizer, resume_param_scheduler, map_location)
+        finally:
+            self._trusted_load = False
+        rng, self._resumed_rng = self._resumed_rng, None
+        if rng and not (self.distributed and self._randomness_cfg.get('diff_rank_seed')):
+            done = restore_rng_state(rng)
+            self.logger.info(f'restored the random generator states ({", ".join(done)}) from '
+                             f'{filename}')
+
+    def load_or_resume(self) -> None:
+        """``resume=True`` without ``load_from``: the newest complete checkpoint in the work_dir
+        (:func:`gfl_det.checkpoint.find_latest_checkpoint` skips truncated files; the temp files
+        of saves interrupted by a kill are deleted first); none found: start from scratch,
+        saying so."""
+        if self._has_loaded:
+            return
+        resume_from = None
+        if self._resume and self._load_from is None:
+            if self.rank == 0:  # nothing is saving now: drop what killed saves left behind
+                remove_partial_saves(self.work_dir, logger=self.logger)
+            resume_from = find_latest_checkpoint(self.work_dir, logger=self.logger)
+            if resume_from is None:
+                self.logger.warning(f'resume: no checkpoint in {self.work_dir}; training from '
+                                    'the start')
+            else:
+                self.logger.info(f'Auto-resuming from the latest checkpoint {resume_from}')
+        elif self._resume:
+            resume_from = self._load_from
+        if resume_from is not None:
+            self.resume(resume_from)
+        elif self._load_from is not None:
+            self.load_checkpoint(self._load_from)
+        self._has_loaded = True

@@ -38,16 +38,6 @@ def aligned_giou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
     return ious - (enclose_area - union) / enclose_area
 
 
-def pairwise_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU of every a with every b: (..., N, 4), (..., M, 4) -> (..., N, M)."""
-    lt = torch.max(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.min(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - overlap
-    return overlap / union.clamp(min=eps)
-
-
 def distance2bbox(points: Tensor, distance: Tensor, max_shape: Tensor | None = None) -> Tensor:
     """(cx, cy) and (left, top, right, bottom) distances -> xyxy boxes.
 
@@ -73,11 +63,3 @@ def bbox2distance(points: Tensor, boxes: Tensor, max_dis: float | None = None, e
     if max_dis is not None:
         d = d.clamp(min=0, max=max_dis - eps)
     return d
-
-
-def xywh_to_xyxy(b: Tensor) -> Tensor:
-    return torch.cat([b[..., :2], b[..., :2] + b[..., 2:]], -1)
-
-
-def xyxy_to_xywh(b: Tensor) -> Tensor:
-    return torch.cat([b[..., :2], b[..., 2:] - b[..., :2]], -1)

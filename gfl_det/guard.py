@@ -6,15 +6,12 @@ term is finite, the parameters whose gradient is not). After ``max_consecutive``
 in a row training stops with ``NonFiniteLossError`` (the last good checkpoint stays on disk:
 nothing is saved from a broken state).
 
-Two ways to use it:
-
-* :meth:`NonFiniteGuard.step_ok` -- call with the loss dict before backward and with the named
-  parameters after backward (a plain training loop; two reads per step).
-* :meth:`NonFiniteGuard.nonfinite` + :meth:`NonFiniteGuard.skip` / :meth:`NonFiniteGuard.passed`
-  -- what ``gfl_det.mm.OptimWrapper`` does under mmengine: after backward, the total loss and
-  every gradient are reduced to ONE boolean on the device and read once (a single host sync
-  per iteration, which the loss logging pays anyway); only when it is set are the loss terms
-  and gradients looked at one by one to name the culprit (rare, so its syncs do not matter).
+How to use it (``gfl_det.mm.optim.OptimWrapper`` does this under mmengine): after backward,
+:meth:`NonFiniteGuard.nonfinite` reduces the total loss and every gradient to ONE boolean on the
+device, read once (a single host sync per iteration, which the loss logging pays anyway); only
+when it is set does :meth:`NonFiniteGuard.describe` look at the loss terms and gradients one by
+one to name the culprit (rare, so its syncs do not matter), and :meth:`NonFiniteGuard.skip`
+counts, logs and raises; a good step calls :meth:`NonFiniteGuard.passed`.
 """
 from __future__ import annotations
 
@@ -37,7 +34,7 @@ class NonFiniteGuard:
     """Counts and names non-finite steps; raises after ``max_consecutive`` in a row.
 
     Attributes: ``skipped`` (steps skipped in all), ``consecutive`` (skipped in a row now),
-    ``last_reason`` (what the last skipped step had), ``max_consecutive``.
+    ``max_consecutive``.
     """
 
     def __init__(self, max_consecutive: int = 5, logger: logging.Logger | None = None):
@@ -47,23 +44,8 @@ class NonFiniteGuard:
         self.logger = logger or log
         self.skipped = 0
         self.consecutive = 0
-        self.last_reason: Optional[str] = None
 
     # ------------------------------------------------------------------ device-side checks
-    def losses_finite(self, losses: Mapping[str, Tensor]) -> tuple[bool, list[str]]:
-        """One device reduction and one read; names the bad terms only when something is wrong."""
-        terms = {k: v for k, v in losses.items() if isinstance(v, Tensor)}
-        if not terms:
-            return True, []
-        ok = bool(torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()]).all())
-        bad = [] if ok else [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
-        return ok, bad
-
-    @staticmethod
-    def grads_finite(params: Iterable[torch.nn.Parameter]) -> tuple[bool, list[str] | None]:
-        flag = NonFiniteGuard.nonfinite(grads=[p.grad for p in params if p.grad is not None])
-        return not bool(flag), None
-
     @staticmethod
     def nonfinite(loss: Optional[Tensor] = None, grads: Sequence[Optional[Tensor]] = ()) -> Tensor:
         """A 0-dim bool tensor on the device, True when ``loss`` or any gradient holds a NaN or
@@ -115,7 +97,6 @@ class NonFiniteGuard:
         ``max_consecutive``-th in a row."""
         self.skipped += 1
         self.consecutive += 1
-        self.last_reason = reason
         where = 'iteration ?' if iteration is None else f'iteration {iteration}'
         if epoch is not None:
             where += f' (epoch {epoch})'
@@ -129,31 +110,6 @@ class NonFiniteGuard:
                 f"{where}: {self.consecutive} consecutive steps with non-finite loss or gradients "
                 f"({reason}). Training stopped; the last good checkpoint is kept. Lower the learning rate, "
                 f"check the data (tools/check_dataset.py) or enable gradient clipping.")
-
-    def step_ok(self, iteration: int, losses: Mapping[str, Tensor] | None = None,
-                named_params: Iterable[tuple[str, torch.nn.Parameter]] | None = None) -> bool:
-        """Check the losses (before backward) or the gradients (after); log, count, raise.
-
-        Returns True when the step may go on. Call with ``losses`` before backward and again with
-        ``named_params`` after backward; each failing call counts one skipped step, and only a
-        passing gradient check (the end of a good step) resets the consecutive count.
-        """
-        reason = None
-        if losses is not None:
-            ok, bad = self.losses_finite(losses)
-            if not ok:
-                reason = self.describe({k: losses[k] for k in bad})
-        if reason is None and named_params is not None:
-            named = [(n, p) for n, p in named_params if p.grad is not None]
-            ok, _ = self.grads_finite(p for _, p in named)
-            if not ok:
-                reason = self.describe(named_params=named)
-        if reason is None:
-            if named_params is not None:  # the step is complete only once its gradients passed
-                self.passed()
-            return True
-        self.skip(iteration, reason)
-        return False
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -7,7 +7,6 @@ MMDetection's AnchorGenerator (center_offset 0); its ATSS anchor box is the squa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -78,7 +77,3 @@ def make_priors(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int],
         _CACHE.clear()
     _CACHE[key] = pri
     return pri
-
-
-def pad_to_divisor(n: int, divisor: int = 32) -> int:
-    return int(math.ceil(n / divisor) * divisor)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gfl_det.assigner import atss_assign
-from gfl_det.boxes import pairwise_iou
+from gfl_det.boxes import aligned_iou
 from gfl_det.priors import make_priors
 
 STRIDES = [8, 16, 32, 64, 128]
@@ -20,7 +20,7 @@ def reference_atss(anchors, level_counts, gt, topk=9):
     out = torch.full((N,), -1, dtype=torch.long)
     if G == 0 or N == 0:
         return out
-    ious = pairwise_iou(anchors, gt)  # (N, G)
+    ious = aligned_iou(anchors[:, None], gt[None])  # (N, G), broadcast: every anchor with every gt
     acx = (anchors[:, 0] + anchors[:, 2]) / 2.0
     acy = (anchors[:, 1] + anchors[:, 3]) / 2.0
     gcx = (gt[:, 0] + gt[:, 2]) / 2.0

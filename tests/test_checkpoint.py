@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from gfl_det.checkpoint import (CheckpointError, CheckpointMismatchError,
-                                UntrustedCheckpointError, atomic_save,
-                                find_latest_checkpoint, load_trusted, load_untrusted,
+                                UntrustedCheckpointError, atomic_save, load_trusted, load_untrusted,
                                 load_weights, main)
+from gfl_det.resume import find_latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gfl_det.data import (CocoDataset, KeepRatioResize, build_transforms, collate,
-                          rescale_size, restore_boxes)
+                          rescale_size)
 
 SHARED = Path(__file__).parents[2] / 'shared' / 'datasets'
 COCO128 = SHARED / 'coco128'
@@ -170,6 +170,26 @@ def test_multiscale_range_samples_short_edge_over_the_range():
                  'labels': np.zeros(0, np.int64), 'meta': {'ori_shape': (480, 640)}})
         out_shapes.add(out['image'].shape[:2])
     assert len(out_shapes) > 10
+
+
+def restore_boxes(boxes, meta: dict):
+    """Map xyxy boxes from a sample's image back to the original image: undo flip, then scale.
+
+    Works on numpy arrays and torch tensors (returns the same type, float64 for numpy).
+    """
+    h, w = meta['img_shape']
+    sw, sh = meta['scale_factor']
+    if isinstance(boxes, np.ndarray):
+        b = boxes.astype(np.float64).reshape(-1, 4).copy()
+    else:
+        b = boxes.reshape(-1, 4).clone().double()
+    if meta.get('flip', False):
+        x1 = w - b[:, 2]
+        x2 = w - b[:, 0]
+        b[:, 0], b[:, 2] = x1, x2
+    b[:, 0::2] /= sw
+    b[:, 1::2] /= sh
+    return b
 
 
 def round_trip_max_err(ds, data, flip_prob):

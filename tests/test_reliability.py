@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(guard, nan_at_loss=(), nan_at_grad=(), iters=8):
+    """A plain training loop with the guard used as gfl_det.mm.optim.OptimWrapper uses it: one
+    device-side flag over loss and gradients after backward; a bad step is described, counted
+    and skipped, a good one resets the run of skips."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -23,15 +26,15 @@ def _train(guard, nan_at_loss=(), nan_at_grad=(), iters=8):
         losses = {"loss_a": ((model(x) - y) ** 2).mean(), "loss_b": model.weight.abs().sum() * 0.01}
         if it in nan_at_loss:
             losses["loss_b"] = losses["loss_b"] * float("nan")
-        if not guard.step_ok(it, losses=losses):
-            continue
         opt.zero_grad()
-        sum(losses.values()).backward()
+        loss = sum(losses.values())
+        loss.backward()
         if it in nan_at_grad:
             model.bias.grad.fill_(float("inf"))
-        if not guard.step_ok(it, named_params=model.named_parameters()):
-            opt.zero_grad()
+        if bool(NonFiniteGuard.nonfinite(loss, [p.grad for p in model.parameters()])):
+            guard.skip(it, NonFiniteGuard.describe(losses, model.named_parameters()))
             continue
+        guard.passed()
         opt.step()
         steps += 1
     return model, steps

@@ -20,7 +20,8 @@ from mmengine.hooks import Hook
 from mmengine.logging import MessageHub
 
 from gfl_det import mm
-from gfl_det.checkpoint import capture_rng_state, load_untrusted
+from gfl_det.checkpoint import load_untrusted
+from gfl_det.resume import capture_rng_state
 from gfl_det.guard import NonFiniteLossError
 
 from test_engine_e2e import load_tool, scalars, write_tiny_config

@@ -16,7 +16,7 @@ from .collate import collate
 from .loader import AspectRatioBatchSampler, build_dataloader, worker_init_fn
 from .synthetic import make_synthetic_coco
 from .transforms import (Compose, KeepRatioResize, PhotoMetricDistortion, RandomFlip,
-                         build_transforms, rescale_size, restore_boxes)
+                         build_transforms, rescale_size)
 from .validation import BadImageError, DatasetError, SkipReport, load_image
 from .voc import voc_to_coco
 from .yolo import yolo_to_coco
@@ -24,5 +24,5 @@ from .yolo import yolo_to_coco
 __all__ = ['CocoDataset', 'to_sample', 'collate', 'AspectRatioBatchSampler', 'build_dataloader',
            'worker_init_fn', 'make_synthetic_coco', 'Compose', 'KeepRatioResize',
            'PhotoMetricDistortion', 'RandomFlip', 'build_transforms', 'rescale_size',
-           'restore_boxes', 'BadImageError', 'DatasetError', 'SkipReport', 'load_image',
+           'BadImageError', 'DatasetError', 'SkipReport', 'load_image',
            'voc_to_coco', 'yolo_to_coco']

@@ -66,8 +66,6 @@ __all__ = ['CocoDataset', 'to_sample']
 
 logger = logging.getLogger('gfl_det.data')
 
-LOAD_REASONS = ('missing_image', 'corrupt_image', 'size_mismatch')
-
 
 def to_sample(results: dict) -> dict:
     """numpy results dict -> contract sample (torch tensors, CHW uint8 image)."""

@@ -13,7 +13,7 @@ Pixel work is albumentations' (``albumentations.augmentations.geometric.function
 arithmetic is done here, exactly, next to it: albumentations' bbox processors normalise,
 filter (min_visibility/min_area) and may reorder or drop boxes, while resize is a pure scale
 and a horizontal flip is ``w - x``; doing it ourselves keeps the boxes invertible to float
-precision (see :func:`restore_boxes`).
+precision (tests/test_data_coco.py maps them back to the JSON's boxes).
 
 Randomness comes from numpy's global generator, which ``torch.utils.data`` seeds differently in
 every worker and every epoch (and :func:`gfl_det.data.loader.worker_init_fn` reseeds from the
@@ -28,7 +28,7 @@ Build a pipeline the way an mmdet config reads::
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import albumentations as A
 import cv2
@@ -36,7 +36,7 @@ import numpy as np
 from albumentations.augmentations.geometric import functional as fgeometric
 
 __all__ = ['Compose', 'KeepRatioResize', 'RandomFlip', 'PhotoMetricDistortion',
-           'build_transforms', 'rescale_size', 'restore_boxes']
+           'build_transforms', 'rescale_size']
 
 Scale = tuple[int, int]
 
@@ -209,23 +209,3 @@ def build_transforms(train: bool, scale: Optional[Scale] = (1333, 800),
         return Compose([resize])
     return Compose([PhotoMetricDistortion() if photometric else None, resize,
                     RandomFlip(flip_prob) if flip_prob > 0 else None])
-
-
-def restore_boxes(boxes: Union[np.ndarray, 'torch.Tensor'], meta: dict):  # noqa: F821
-    """Map xyxy boxes from a sample's image back to the original image: undo flip, then scale.
-
-    Works on numpy arrays and torch tensors (returns the same type, float64 for numpy).
-    """
-    h, w = meta['img_shape']
-    sw, sh = meta['scale_factor']
-    if isinstance(boxes, np.ndarray):
-        b = boxes.astype(np.float64).reshape(-1, 4).copy()
-    else:
-        b = boxes.reshape(-1, 4).clone().double()
-    if meta.get('flip', False):
-        x1 = w - b[:, 2]
-        x2 = w - b[:, 0]
-        b[:, 0], b[:, 2] = x1, x2
-    b[:, 0::2] /= sw
-    b[:, 1::2] /= sh
-    return b

@@ -233,14 +233,13 @@ class GFLCriterion(nn.Module):
           are a w-weighted mean (confident predictions count more), and the sums above are
           already divided by mmdet's ``avg_factor`` 1 (GIoU) and 4 (DFL: the mean over 4 edges).
 
-        In a distributed run N and W are averaged over the processes (``reduce_mean``) before
-        clamping, so every process divides by the same number and DDP's gradient average
+        In a distributed run N and W are averaged over the processes (``reduce_mean``; W before
+        its clamp), so every process divides by the same number and DDP's gradient average
         equals the gradient of the whole batch's loss; the per-process loss values are those
         MMDetection logs. Plain tensors (no ``.item()``): no host synchronisation.
         """
         n = t.num_pos.clamp(min=1).sum().float()
         w = p.weight.sum()
-        n, w = reduce_mean(torch.stack([n, w.detach()])).unbind()
-        n = n.clamp(min=1)
+        n, w = reduce_mean(torch.stack([n, w.detach()])).unbind()  # n >= 1 already
         w = w.clamp(min=1)
         return {'loss_cls': n + EPS32, 'loss_bbox': w, 'loss_dfl': w}

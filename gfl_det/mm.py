@@ -815,7 +815,7 @@ class DrawPredictionsHook(Hook):
                         outputs: Optional[Sequence[dict]] = None) -> None:
         import cv2
 
-        from .apis import draw_detections
+        from .visualize import draw_detections
         dataset = runner.test_dataloader.dataset
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         names = getattr(model, 'class_names', None) or getattr(dataset, 'classes', None)

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import DictAction  # noqa: F401  (parses like train.py's)
 
-    from gfl_det.apis import draw_detections, inference_detector, init_detector, save_image
+    from gfl_det.apis import inference_detector, init_detector
+    from gfl_det.visualize import draw_detections, save_image
     from gfl_det.data import load_image
     from gfl_det.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)

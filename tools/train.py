@@ -110,13 +110,14 @@ def main(argv=None) -> int:
     from gfl_det.data import DatasetError
     from gfl_det.guard import NonFiniteLossError
     from gfl_det.mm import GFLRunner
+    from gfl_det.models.backbone import PretrainedWeightsError
     try:
         runner = GFLRunner.from_cfg(cfg)
         runner.train()
     except NonFiniteLossError as e:  # already in the log; the message names the checkpoint
         print(f'error: training stopped: {e}', file=sys.stderr)
         return 3
-    except DatasetError as e:  # the message names the file and the fix
+    except (DatasetError, PretrainedWeightsError) as e:  # the message names the file and the fix
         print(f'error: {e}', file=sys.stderr)
         return 2
     if runner.rank == 0:

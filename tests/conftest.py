@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +13,14 @@ SHARED_HINT = "set GFL_DET_SHARED=/path/to/shared (default: a folder named share
 COCO128 = SHARED / "datasets" / "coco128"
 # BCCD (github.com/Shenggan/BCCD_Dataset, MIT): $BCCD_ROOT, the folder holding BCCD/Annotations
 BCCD = Path(os.environ.get("BCCD_ROOT") or SHARED / "datasets" / "bccd")
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f'gfl_tool_{name}', ROOT / 'tools' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def pytest_configure(config):

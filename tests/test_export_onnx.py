@@ -7,13 +7,12 @@ boxes within 0.05 px and scores within 1e-3 (TOLERANCE; measured ~1e-3 px and ~1
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import COCO128, ROOT, tiny_detector, synthetic_images
+from conftest import COCO128, ROOT, load_tool, synthetic_images, tiny_detector
 
 onnx = pytest.importorskip('onnx', reason='pip install -e ".[export]" (onnx, onnxruntime) for the ONNX tests')
 pytest.importorskip('onnxruntime', reason='pip install -e ".[export]" (onnx, onnxruntime) for the ONNX tests')
@@ -151,12 +150,6 @@ def test_extra_per_detection_output_is_gathered_at_the_kept_prior(model, image_s
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), out['scores'], atol=1e-5)
     assert len(out['scores']) == 100
 
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'gfl_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_export_tool_fp16_verifies_and_fails_loudly(model, image_sets, tmp_path, capsys, monkeypatch):

@@ -2,24 +2,16 @@
 Every PNG written is opened: a valid picture, not one flat colour, with the curves' colours."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
-import pytest
 import torch
-from conftest import ROOT, assert_png_ok, tiny_detector, write_tiny_config
+from conftest import assert_png_ok, load_tool, tiny_detector, write_tiny_config
 
 from gfl_det.plots import confusion_matrix, plot_confusion_matrix, plot_pr_curves, resolve_key
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
 
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'gfl_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_confusion_matrix_by_hand(tmp_path):

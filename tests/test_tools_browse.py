@@ -2,21 +2,14 @@
 the validation drops or clips dashed in magenta and named, mapped through resize and flip."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
-from conftest import ROOT, assert_png_ok
+from conftest import ROOT, assert_png_ok, load_tool
 
 from gfl_det.data import make_synthetic_coco
 from gfl_det.visualize import BAD_COLOR, color
 
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'gfl_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 CONFIG = """

@@ -1,21 +1,14 @@
 """tools/demo.py: folders with bad files, videos, --show-fps, --onnx (onnxruntime), paths checked first."""
 from __future__ import annotations
 
-import importlib.util
 
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, assert_png_ok, synthetic_images, tiny_detector
+from conftest import ROOT, assert_png_ok, load_tool, synthetic_images, tiny_detector
 
 from gfl_det.visualize import color
 
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'gfl_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope='module')

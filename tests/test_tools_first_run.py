@@ -3,23 +3,16 @@ config's size, help for every option, the BCCD path a user sets."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import urllib.error
 import warnings
 
 import pytest
 import torch
-from conftest import ROOT, write_tiny_config
+from conftest import ROOT, load_tool, write_tiny_config
 
 from gfl_det.models.backbone import PretrainedWeightsError, ResNet
 
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'gfl_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_offline_imagenet_download_names_both_ways_on(monkeypatch):

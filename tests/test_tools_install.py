@@ -14,8 +14,8 @@ from conftest import ROOT
 
 
 def test_editable_install_imports_from_the_clones_parent_folder(tmp_path):
-    if importlib.util.find_spec('pip') is None or importlib.util.find_spec('setuptools') is None:
-        pytest.skip('needs pip and setuptools in this environment to make an editable install')
+    if importlib.util.find_spec('pip') is None:
+        pytest.skip('needs pip in this environment to make an editable install')
     clone = tmp_path / 'gfl_det'  # the folder `git clone .../gfl_det` makes
     clone.mkdir()
     for f in ('pyproject.toml', 'README.md'):
@@ -30,6 +30,8 @@ def test_editable_install_imports_from_the_clones_parent_folder(tmp_path):
         pytest.skip('no POSIX venv layout here')
     r = subprocess.run([str(py), '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation', '-e', str(clone)],
                        capture_output=True, text=True)
+    if r.returncode and 'setuptools' in r.stderr:
+        pytest.skip(f'setuptools (the build backend) is not installed here: {r.stderr[-300:]}')
     assert r.returncode == 0, r.stderr[-2000:]
     pths = sorted(p.name for p in venv.glob('lib/python*/site-packages/__editable__*'))
     assert pths and not any(p.endswith('finder.py') for p in pths), pths  # a path entry, no import hook

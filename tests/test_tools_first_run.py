@@ -42,8 +42,11 @@ def test_train_tool_ends_in_one_clear_line_for_missing_weights(tmp_path, capsys)
 
 
 def test_random_frozen_stem_warns_once_loaded_or_from_scratch_does_not():
-    with pytest.warns(UserWarning, match='frozen_stages=1 and norm_eval=True, but its weights are random'):
+    with pytest.warns(UserWarning, match='trains from random weights.*frozen_stages=1 keeps the random stem and '
+                                         'stage 1 as initialised and norm_eval=True keeps every BatchNorm'):
         ResNet(18, base_channels=8).train()
+    with pytest.warns(UserWarning, match='but norm_eval=True keeps every BatchNorm at its initial statistics'):
+        ResNet(18, base_channels=8, frozen_stages=-1).train()
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         ResNet(18, base_channels=8, frozen_stages=-1, norm_eval=False).train()  # from scratch, as bccd

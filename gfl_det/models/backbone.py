@@ -196,12 +196,17 @@ class ResNet(nn.Module):
             return
         if self.bn1.running_mean.any() or not bool((self.bn1.running_var == 1).all()):
             return  # pretrained or loaded weights
+        what = []
+        if self.frozen_stages >= 0:
+            stages = {0: "", 1: " and stage 1"}.get(self.frozen_stages, f" and stages 1-{self.frozen_stages}")
+            what.append(f"frozen_stages={self.frozen_stages} keeps the random stem{stages} as initialised")
+        if self.norm_eval:
+            what.append("norm_eval=True keeps every BatchNorm at its initial statistics (mean 0, variance 1)")
         warnings.warn(
-            f"ResNet-{self.depth}: training with frozen_stages={self.frozen_stages} and norm_eval={self.norm_eval}, "
-            f"but its weights are random (no pretrained init_cfg, nothing loaded): the frozen layers and the "
-            f"BatchNorm statistics will stay random. From scratch set model.backbone frozen_stages=-1 and "
-            f"norm_eval=False (as configs/gfl_r18_bccd.py), or give pretrained weights in "
-            f"model.backbone.init_cfg (README, Install).", UserWarning, stacklevel=3)
+            f"ResNet-{self.depth} trains from random weights (no pretrained init_cfg, nothing loaded), but "
+            f"{' and '.join(what)}. From scratch set model.backbone frozen_stages=-1 and norm_eval=False (as "
+            f"configs/gfl_r18_bccd.py), or give pretrained weights in model.backbone.init_cfg (README, Install).",
+            UserWarning, stacklevel=3)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.relu(self.bn1(self.conv1(x)))

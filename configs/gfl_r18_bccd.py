@@ -5,8 +5,11 @@
 # FPN 128 channels over C3-C5; head 128 x 2 convs; 640x480 keep-ratio, flip 0.5; batch 4;
 # SGD 0.01 momentum 0.9 wd 1e-4, grad clip 35, linear warm-up 100 iters from 0.001, then constant.
 #
+# The data: BCCD from https://github.com/Shenggan/BCCD_Dataset (MIT licence; 364 VOC-annotated
+# JPEGs), e.g. `git clone https://github.com/Shenggan/BCCD_Dataset data/BCCD_Dataset` (the default
+# place) or anywhere with `export BCCD_ROOT=/path/to/BCCD_Dataset` (the folder holding BCCD/).
 # Convert the VOC annotations once (tools/voc2coco.py; trainval = 292 images, test = 72):
-#   for s in trainval test; do python tools/voc2coco.py ../shared/datasets/bccd --split $s --out data/bccd/$s.json; done
+#   for s in trainval test; do python tools/voc2coco.py ${BCCD_ROOT:-data/BCCD_Dataset} --split $s --out data/bccd/$s.json; done
 # then
 #   python tools/train.py configs/gfl_r18_bccd.py
 _base_ = [
@@ -14,7 +17,8 @@ _base_ = [
     './_base_/datasets/coco_detection.py',
     './_base_/default_runtime.py',
 ]
-img_dir = '../shared/datasets/bccd/BCCD/JPEGImages/'
+bccd_root = '{{$BCCD_ROOT:data/BCCD_Dataset}}'  # $BCCD_ROOT when set
+img_dir = bccd_root + '/BCCD/JPEGImages/'
 ann_dir = 'data/bccd/'
 classes = ('Platelets', 'RBC', 'WBC')  # the converter's (sorted) category order
 

@@ -4,7 +4,10 @@
     model = init_detector('configs/gfl_r50.py', 'gfl_r50_fpn_1x_coco.pth', device='cuda')
     result = inference_detector(model, 'demo.jpg')
     # {'bboxes': (k, 4) float32 xyxy in the image's pixels, 'scores': (k,), 'labels': (k,) int64,
-    #  'class_names': [k names] (None when the checkpoint has no class names)}
+    #  'class_names': [k names]: the name of each detection's label (None when the checkpoint
+    #  has no class names); the model's class list is model.class_names}
+
+Drawing lives in :mod:`gfl_det.visualize` (``draw_detections``, ``save_image``).
 
 Checkpoints load with ``weights_only=True`` (MMDetection model-zoo files included); class names
 come from the checkpoint's meta (mmdet 3.x ``dataset_meta['classes']``, 2.x ``CLASSES``).
@@ -20,8 +23,8 @@ import torch
 
 from . import data as gdata
 
-__all__ = ['init_detector', 'inference_detector', 'build_test_transforms',
-           'optimize_for_inference', 'add_inference_args']
+__all__ = ['init_detector', 'inference_detector', 'build_test_transforms', 'optimize_for_inference',
+           'add_inference_args']
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -208,8 +211,9 @@ def inference_detector(model, imgs: Union[ImageLike, Sequence[ImageLike]],
 
     Returns:
         per image ``dict(bboxes=(k, 4) float32 xyxy in original-image pixels,
-        scores=(k,) float32, labels=(k,) int64, class_names=list of k names or None)``;
-        a single dict for a single image.
+        scores=(k,) float32, labels=(k,) int64, class_names=list of k names or None)``:
+        ``class_names[i]`` is the name of ``labels[i]`` (one per detection, not the class list,
+        which is ``model.class_names``); a single dict for a single image.
     """
     single = not isinstance(imgs, (list, tuple))
     imgs = [imgs] if single else list(imgs)

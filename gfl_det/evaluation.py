@@ -249,7 +249,10 @@ def coco_evaluate(coco_gt: Union[COCO, str, os.PathLike],
           ``'classwise'``: list of ``{'category_id', 'name', 'num_gt', 'AP', 'AP50', 'AP75',
           'AP_s', 'AP_m', 'AP_l'}`` (nan where pycocotools has nothing to average) and
           ``'classwise_table'``: the same as text (only when ``classwise``);
-          ``'num_images'``, ``'num_detections'``, ``'failed_images'`` (list of names).
+          ``'num_images'``, ``'num_detections'``, ``'failed_images'`` (list of names);
+          ``'precision'``: COCOeval's ``eval['precision']`` (T IoUs, R recalls, K classes,
+          A areas, M maxDets; -1 = undefined) with its axes ``'iou_thrs'``, ``'rec_thrs'``,
+          ``'area_labels'``, ``'eval_cat_ids'``.
 
     Raises:
         ValueError: results name an image or a category that is not in the GT, an img_id or
@@ -317,6 +320,9 @@ def coco_evaluate(coco_gt: Union[COCO, str, os.PathLike],
     out.update(zip(METRIC_NAMES, stats))
     out.update(summary=summary, num_images=num_images, num_detections=len(dets),
                failed_images=failed_images)
+    p = coco_eval.params  # for precision-recall plots (gfl_det.plots.plot_pr_curves)
+    out.update(precision=coco_eval.eval['precision'], iou_thrs=p.iouThrs, rec_thrs=p.recThrs,
+               area_labels=list(p.areaRngLbl), eval_cat_ids=list(p.catIds))
 
     if failed_images:
         _log(logger, f'{len(failed_images)} image(s) failed to load and are NOT in this '
@@ -450,14 +456,16 @@ class CocoEvaluator:
         self.failed_images.extend(str(f) for f in file_names)
 
     def evaluate(self) -> dict:
-        """Run COCOeval on the images processed so far; see :func:`coco_evaluate`."""
+        """Run COCOeval on the images processed so far; see :func:`coco_evaluate`. The result is
+        also kept as ``last_result`` (tools/test.py --plot-dir reads its precision array)."""
         if not self.img_ids:
             raise RuntimeError('CocoEvaluator.evaluate: no images were processed'
                                + (f' ({len(self.failed_images)} failed to load: '
                                   f'{_head(self.failed_images)})' if self.failed_images else ''))
-        return coco_evaluate(self.coco_gt, self.results, classwise=self.classwise,
-                             img_ids=self.img_ids, cat_ids=self.cat_ids,
-                             failed_images=self.failed_images, logger=self.logger)
+        self.last_result = coco_evaluate(self.coco_gt, self.results, classwise=self.classwise,
+                                         img_ids=self.img_ids, cat_ids=self.cat_ids,
+                                         failed_images=self.failed_images, logger=self.logger)
+        return self.last_result
 
     def dump(self, path: Union[str, os.PathLike]) -> None:
         """Write the accumulated results as a COCO results JSON (for tools/eval_results.py)."""

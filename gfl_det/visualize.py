@@ -1,51 +1,168 @@
-"""Drawing detections on images: one place for every picture gfl_det writes."""
+"""All drawing of gfl_det: detections, ground truth, labels that stay readable, saving images.
+
+Images are RGB uint8 (H, W, 3) throughout (:func:`save_image` converts for cv2). Three rules keep
+a picture readable whatever is under the boxes:
+
+* **Box outline**: every box line is drawn over a 1-px wider border in black or white, whichever
+  contrasts more with the image under the line (a red box stays visible on a red object).
+* **Label text colour** by contrast with the label's fill: black or white, whichever has the
+  higher WCAG contrast ratio with the fill (>= 4.58 for every fill colour).
+* **Label placement** (:func:`place_labels`): greedy, best score first: above the box, inside
+  its top, below it, inside its bottom (left- then right-aligned), clamped into the image;
+  a position overlapping an already placed label is skipped; a label with no free position is
+  left out (its box is still drawn).
+"""
 from __future__ import annotations
 
+import colorsys
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 
-__all__ = ['draw_detections', 'save_image']
+__all__ = ['color', 'text_color', 'contrast_ratio', 'luminance', 'place_labels', 'draw_boxes',
+           'draw_detections', 'save_image', 'BAD_COLOR']
+
+RGB = tuple[int, int, int]
+Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 (inclusive-exclusive), pixels
+BAD_COLOR: RGB = (255, 0, 255)  # boxes the dataset drops or clips (tools/browse_dataset.py)
 
 
-def _color(label: int) -> tuple[int, int, int]:
+def color(label: int) -> RGB:
     """A distinct, stable RGB colour per class (golden-ratio hue steps)."""
-    import colorsys
     r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
+
+
+def luminance(rgb: Sequence[float]) -> float:
+    """WCAG relative luminance of an sRGB colour (0 black .. 1 white)."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(lin @ [0.2126, 0.7152, 0.0722])
+
+
+def contrast_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """WCAG contrast ratio of two colours (1 .. 21)."""
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_color(fill: Sequence[float]) -> RGB:
+    """Black or white, whichever contrasts more with ``fill``."""
+    black, white = (0, 0, 0), (255, 255, 255)
+    return black if contrast_ratio(black, fill) >= contrast_ratio(white, fill) else white
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(boxes: np.ndarray, sizes: Sequence[tuple[int, int]], image_hw: tuple[int, int]
+                 ) -> list[Optional[Rect]]:
+    """Where each box's label goes (None: no free place), in the order given (put the most
+    important first). ``sizes``: (w, h) of each label in pixels. Every rect lies inside the
+    image and no two overlap."""
+    H, W = image_hw
+    placed: list[Rect] = []
+    out: list[Optional[Rect]] = []
+    for (x1, y1, x2, y2), (tw, th) in zip(np.asarray(boxes, np.float64).reshape(-1, 4), sizes):
+        x1, y1, x2, y2 = (int(round(v)) for v in (x1, y1, x2, y2))
+        spot = None
+        if tw <= W and th <= H:
+            for top in (y1 - th, y1, y2, y2 - th):  # above, inside top, below, inside bottom
+                for left in (x1, x2 - tw):
+                    x = min(max(left, 0), W - tw)
+                    y = min(max(top, 0), H - th)
+                    r = (x, y, x + tw, y + th)
+                    if not any(_overlaps(r, p) for p in placed):
+                        spot = r
+                        break
+                if spot:
+                    break
+        if spot:
+            placed.append(spot)
+        out.append(spot)
+    return out
+
+
+def _outline_color(image: np.ndarray, box: Sequence[int], width: int) -> RGB:
+    """Black or white, whichever contrasts more with the mean colour under the box's border."""
+    H, W = image.shape[:2]
+    x1, y1, x2, y2 = (int(v) for v in box)
+    x1, x2 = sorted((min(max(x1, 0), W - 1), min(max(x2, 0), W - 1)))
+    y1, y2 = sorted((min(max(y1, 0), H - 1), min(max(y2, 0), H - 1)))
+    w = max(1, width)
+    strips = [image[y1:y1 + w, x1:x2 + 1], image[max(y2 - w + 1, 0):y2 + 1, x1:x2 + 1],
+              image[y1:y2 + 1, x1:x1 + w], image[y1:y2 + 1, max(x2 - w + 1, 0):x2 + 1]]
+    pix = np.concatenate([s.reshape(-1, 3) for s in strips])
+    return text_color(pix.mean(0) if len(pix) else (128, 128, 128))
+
+
+def _dashed_rectangle(img: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], col: RGB,
+                      thickness: int, dash: int = 8) -> None:
+    import cv2
+    (x1, y1), (x2, y2) = p1, p2
+    for a, b in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)), ((x1, y2), (x1, y1))):
+        n = max(1, int(np.hypot(b[0] - a[0], b[1] - a[1]) // dash))
+        for i in range(0, n, 2):
+            s = (int(a[0] + (b[0] - a[0]) * i / n), int(a[1] + (b[1] - a[1]) * i / n))
+            e = (int(a[0] + (b[0] - a[0]) * min(i + 1, n) / n), int(a[1] + (b[1] - a[1]) * min(i + 1, n) / n))
+            cv2.line(img, s, e, col, thickness)
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, texts: Sequence[str], colors: Sequence[RGB],
+               thickness: int = 2, dashed: Optional[Sequence[bool]] = None) -> tuple[np.ndarray, list]:
+    """A copy of ``image`` with the boxes (most important first) and their labels drawn.
+
+    Boxes are drawn last-to-first (the first on top); labels after all boxes, placed by
+    :func:`place_labels`. Returns (image, label rects: one per box, None where left out)."""
+    import cv2
+    img = np.ascontiguousarray(image.copy())
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    dashed = dashed if dashed is not None else [False] * len(boxes)
+    for i in reversed(range(len(boxes))):
+        p1 = (int(round(boxes[i, 0])), int(round(boxes[i, 1])))
+        p2 = (int(round(boxes[i, 2])), int(round(boxes[i, 3])))
+        edge = _outline_color(image, (*p1, *p2), thickness + 2)
+        if dashed[i]:
+            _dashed_rectangle(img, p1, p2, edge, thickness + 2)
+            _dashed_rectangle(img, p1, p2, colors[i], thickness)
+        else:
+            cv2.rectangle(img, p1, p2, edge, thickness + 2)
+            cv2.rectangle(img, p1, p2, colors[i], thickness)
+    font, fs = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(img.shape[:2]) / 900)
+    metrics = [cv2.getTextSize(t, font, fs, 1) for t in texts]
+    sizes = [(tw + 4, th + base + 4) for (tw, th), base in metrics]
+    rects = place_labels(boxes, sizes, img.shape[:2])
+    for text, rect, col, ((tw, th), base) in zip(texts, rects, colors, metrics):
+        if rect is None:
+            continue
+        x1, y1, x2, y2 = rect
+        cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), col, -1)
+        cv2.putText(img, text, (x1 + 2, y1 + 2 + th), font, fs, text_color(col), 1, cv2.LINE_AA)
+    return img, rects
+
+
+def _numpy(x) -> np.ndarray:
+    if hasattr(x, 'detach'):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
 
 
 def draw_detections(image: np.ndarray, result: dict, class_names: Optional[Sequence[str]] = None,
                     score_thr: float = 0.3, thickness: int = 2) -> np.ndarray:
     """A copy of the RGB uint8 ``image`` with the boxes of ``result`` (an
-    :func:`inference_detector` dict, or a model prediction) drawn above ``score_thr``, each
-    labelled ``'name 0.87'``."""
-    import cv2
-    img = np.ascontiguousarray(image.copy())
-
-    def arr(x):
-        return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    boxes, scores = arr(result['bboxes']).reshape(-1, 4), arr(result['scores']).reshape(-1)
-    labels = arr(result['labels']).reshape(-1).astype(np.int64)
-    font, fs = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(img.shape[:2]) / 900)
-    for i in np.argsort(scores):  # highest score drawn last (on top)
-        if scores[i] < score_thr:
-            continue
-        x1, y1, x2, y2 = (int(round(v)) for v in boxes[i])
-        lab = int(labels[i])
-        color = _color(lab)
-        cv2.rectangle(img, (x1, y1), (x2, y2), color, thickness)
-        name = class_names[lab] if class_names is not None and lab < len(class_names) else str(lab)
-        text = f'{name} {scores[i]:.2f}'
-        (tw, th), base = cv2.getTextSize(text, font, fs, 1)
-        ty = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1  # above the box, else inside
-        tx = max(0, min(x1, img.shape[1] - tw - 2))  # keep the label inside the picture
-        cv2.rectangle(img, (tx, ty), (tx + tw + 2, ty + th + base + 2), color, -1)
-        cv2.putText(img, text, (tx + 1, ty + th + 1), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
-    return img
+    :func:`gfl_det.apis.inference_detector` dict, or a model prediction) scoring at least
+    ``score_thr``, each labelled ``'name 0.87'``; higher scores on top and labelled first."""
+    boxes = _numpy(result['bboxes']).reshape(-1, 4)
+    scores = _numpy(result['scores']).reshape(-1)
+    labels = _numpy(result['labels']).reshape(-1).astype(np.int64)
+    order = [i for i in np.argsort(-scores, kind='stable') if scores[i] >= score_thr]
+    names = [class_names[labels[i]] if class_names is not None and labels[i] < len(class_names)
+             else str(labels[i]) for i in order]
+    texts = [f'{n} {scores[i]:.2f}' for n, i in zip(names, order)]
+    return draw_boxes(image, boxes[order], texts, [color(labels[i]) for i in order], thickness)[0]
 
 
 def save_image(path: Union[str, os.PathLike], image_rgb: np.ndarray) -> str:

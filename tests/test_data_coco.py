@@ -5,6 +5,7 @@ the JSON's boxes to 1e-3 px, on a JSON written here with the awkward parts of re
 the real coco128 subset when ../shared/datasets is present.
 """
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,7 @@ import torch
 from gfl_det.data import (CocoDataset, KeepRatioResize, build_transforms, collate,
                           rescale_size)
 
-SHARED = Path(__file__).parents[2] / 'shared' / 'datasets'
+SHARED = Path(os.environ.get('GFL_DET_SHARED') or Path(__file__).parents[2] / 'shared') / 'datasets'
 COCO128 = SHARED / 'coco128'
 
 
@@ -252,7 +253,7 @@ def test_photometric_changes_pixels_only_and_differs_per_call():
 
 
 @pytest.mark.skipif(not COCO128.is_dir(), reason=f'real COCO subset not found at {COCO128} '
-                    '(the repo is expected next to shared/: <root>/main, <root>/shared)')
+                    '(set GFL_DET_SHARED=/path/to/shared; default: a folder named shared beside the clone)')
 @pytest.mark.parametrize('flip_prob', [0.0, 1.0])
 def test_coco128_boxes_round_trip_at_1333x800(flip_prob):
     ann = COCO128 / 'annotations' / 'instances_coco128.json'

@@ -1,5 +1,6 @@
 """Pascal VOC -> COCO: the real BCCD set (when present) and a small hand-made VOC set."""
 import json
+import os
 import runpy
 from pathlib import Path
 
@@ -11,10 +12,10 @@ from gfl_det.data import CocoDataset, DatasetError
 from gfl_det.data.voc import voc_to_coco
 
 REPO = Path(__file__).parents[1]
-BCCD = Path(__file__).parents[2] / 'shared' / 'datasets' / 'bccd'
+BCCD = Path(os.environ.get('BCCD_ROOT') or Path(__file__).parents[2] / 'shared' / 'datasets' / 'bccd')
 needs_bccd = pytest.mark.skipif(
-    not BCCD.is_dir(), reason=f'BCCD not found at {BCCD} (the repo is expected next to '
-    'shared/: <root>/main, <root>/shared)')
+    not BCCD.is_dir(), reason=f'BCCD not found at {BCCD}: set BCCD_ROOT to a clone of '
+    'github.com/Shenggan/BCCD_Dataset (the folder holding BCCD/Annotations)')
 
 
 def tool(capsys, *argv):

@@ -32,17 +32,22 @@ from gfl_det.structures import HeadOutputs, Targets  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
-    p.add_argument("--task", choices=["train", "infer", "loss"], default="train")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--shape", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
-    p.add_argument("--num-gt", type=int, default=10)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("config", help="config file (its model is built with random weights unless --checkpoint)")
+    p.add_argument("--task", choices=["train", "infer", "loss"], default="train",
+                   help="train: one SGD step (forward, loss, backward, update); infer: forward + post-processing "
+                        "incl. NMS; loss: the head loss alone, forward and backward (default train)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--batch", type=int, default=2, help="images per iteration (default 2)")
+    p.add_argument("--shape", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"),
+                   help="input height and width of the random images (default 800 1216)")
+    p.add_argument("--num-gt", type=int, default=10, help="random ground-truth boxes per image (default 10)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--amp", nargs="?", const="auto", default=None, choices=["auto", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on CPU, bf16 on CUDA when supported)")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true",
+                   help="weights and batches in the NHWC memory layout (faster CPU convolutions)")
     p.add_argument("--compile", action="store_true",
                    help="infer: compile_for_inference (BN folded, inductor freezing, dynamic shapes, as "
                         "tools/test.py --compile); train/loss: torch.compile of backbone, neck and head. "
@@ -52,12 +57,12 @@ def parse_args(argv=None):
                    help="infer: 3x3 stride-1 convs as NNPACK Winograd (CPU, batch 1; as tools/test.py --winograd)")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default mmap/trim thresholds (the tools otherwise keep freed memory "
-                        "mapped: gfl_det/malloc.py); shows what that setting is worth")
+                        "mapped: gfl_det/fast/malloc.py); shows what that setting is worth")
     p.add_argument("--fast", nargs="+", default=[], metavar="KEY=BOOL",
                    help="gfl_det/fast/ switches (the config's model.fast), e.g. fused_qfl=true stem_pool=false")
     p.add_argument("--checkpoint", help="weights to load (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, images and boxes (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
 

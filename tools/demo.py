@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Detect objects in an image or a folder of images and write pictures with the boxes drawn.
+"""Detect objects in an image, a folder of images or a video and write them with the boxes drawn.
 
     python tools/demo.py demo.jpg configs/gfl_r50.py gfl_r50_fpn_1x_coco.pth --out-dir outputs
     python tools/demo.py data/synthetic/val configs/gfl_r18_synthetic.py \
         work_dirs/gfl_r18_synthetic/epoch_12.pth --score-thr 0.5
+    python tools/demo.py traffic.mp4 configs/gfl_r50.py gfl_r50.pth --show-fps     # -> outputs/traffic.mp4
+    python tools/demo.py data/synthetic/val --onnx gfl_r18.onnx                     # onnxruntime, no config
 
-Each output keeps the input's name (PNG/JPEG as the input; other formats are written as PNG).
+Each picture keeps its input's name (PNG/JPEG as the input; other formats are written as PNG); a
+video becomes ``OUT_DIR/<name>.mp4`` (mp4v). With ``--onnx`` the file exported by
+tools/export_onnx.py runs in onnxruntime (CPU, or CUDA with ``--device cuda`` and
+onnxruntime-gpu); class names and the resize come from the file. Folders and videos show a
+progress bar with ETA; files in a folder that are not images, or do not decode, are skipped,
+named and counted.
 """
 from __future__ import annotations
 
@@ -13,54 +20,68 @@ import argparse
 import os
 import os.path as osp
 import sys
+import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from gfl_det.apis import add_inference_args, parse_inference_args  # noqa: E402
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+VIDEO_EXTS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='GFL detection demo: draw boxes on images')
-    p.add_argument('inputs', help='an image file or a folder of images')
-    p.add_argument('config', help='config file')
-    p.add_argument('checkpoint', help='checkpoint (gfl_det or MMDetection)')
-    p.add_argument('--out-dir', default='outputs', help='where the pictures go (default outputs/)')
+    p = argparse.ArgumentParser(description='GFL detection demo: draw boxes on images and videos')
+    p.add_argument('inputs', help='an image, a folder of images, or a video file')
+    p.add_argument('config', nargs='?', default=None, help='config file (not with --onnx)')
+    p.add_argument('checkpoint', nargs='?', default=None,
+                   help='checkpoint (gfl_det or MMDetection; not with --onnx)')
+    p.add_argument('--onnx', default=None, metavar='FILE',
+                   help='run this file from tools/export_onnx.py in onnxruntime instead of PyTorch')
+    p.add_argument('--out-dir', default='outputs', help='where the pictures / videos go (default outputs/)')
     p.add_argument('--device', default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda if "
                                                    'available)')
     p.add_argument('--score-thr', type=float, default=0.3, help='draw boxes scoring at least this')
+    p.add_argument('--show-fps', action='store_true',
+                   help='write the detector\'s frames per second (smoothed) in the top-left corner')
     add_inference_args(p)
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='the checkpoint is a full training checkpoint from a source you trust '
                         '(unpickled with weights_only=False)')
     p.add_argument('--cfg-options', nargs='+', default=None, help='config overrides, key=value')
-    return parse_inference_args(p, argv)
+    args = parse_inference_args(p, argv)
+    if args.onnx is None and (args.config is None or args.checkpoint is None):
+        p.error('give CONFIG and CHECKPOINT, or --onnx FILE')
+    if args.onnx is not None and args.config is not None:
+        p.error('--onnx runs the exported file alone: leave out CONFIG and CHECKPOINT')
+    return args
 
 
-def list_images(path: str) -> list[str]:
-    if osp.isdir(path):
-        files = sorted(osp.join(path, f) for f in os.listdir(path)
-                       if f.lower().endswith(IMAGE_EXTS))
-        if not files:
-            raise SystemExit(f'no images ({", ".join(IMAGE_EXTS)}) in {path}')
-        return files
-    if not osp.isfile(path):
-        raise SystemExit(f'no such file or folder: {path}')
-    return [path]
+def check_paths(args) -> None:
+    """Every input file exists -- checked before a model is loaded."""
+    need = [(args.inputs, 'input')]
+    if args.onnx:
+        need.append((args.onnx, 'ONNX file'))
+    else:
+        need.append((args.config, 'config'))
+        if '://' not in args.checkpoint:
+            need.append((args.checkpoint, 'checkpoint'))
+    for path, what in need:
+        if not osp.exists(path):
+            raise SystemExit(f'error: {what} not found: {path}')
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def build_detector(args):
+    """(detect(image_bgr) -> result dict with boxes in the image's pixels, class names)."""
     import torch
-    from mmengine.config import DictAction  # noqa: F401  (parses like train.py's)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.onnx:
+        from gfl_det.export import OnnxDetector
+        det = OnnxDetector(args.onnx, device=device)
+        return det, det.class_names
+    from mmengine.config import DictAction
 
     from gfl_det.apis import inference_detector, init_detector
-    from gfl_det.visualize import draw_detections, save_image
-    from gfl_det.data import load_image
-    from gfl_det.fast.malloc import retain_freed_memory
-    retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cfg_options = None
     if args.cfg_options:
         ns = argparse.Namespace()
@@ -69,17 +90,129 @@ def main(argv=None) -> int:
     model = init_detector(args.config, args.checkpoint, device=device, cfg_options=cfg_options,
                           trusted=args.trust_checkpoint, fuse_conv_bn=args.fuse_conv_bn,
                           compile=args.compile, channels_last=args.channels_last, winograd=args.winograd)
-    for path in list_images(args.inputs):
-        img = load_image(path)
-        res = inference_detector(model, img, channel_order='rgb')
-        drawn = draw_detections(img, res, model.class_names, args.score_thr)
+    return (lambda bgr: inference_detector(model, bgr, channel_order='bgr')), model.class_names
+
+
+class FpsMeter:
+    """Frames per second of the detector alone, smoothed (exponential average of frame times)."""
+
+    def __init__(self):
+        self.avg = None
+
+    def add(self, seconds: float) -> float:
+        self.avg = seconds if self.avg is None else 0.9 * self.avg + 0.1 * seconds
+        return 1.0 / max(self.avg, 1e-9)
+
+
+def annotate(bgr, detect, names, args, fps: FpsMeter | None = None):
+    """(drawn RGB picture, detections kept) for one BGR frame."""
+    import cv2
+
+    from gfl_det.visualize import draw_detections
+    t = time.perf_counter()
+    res = detect(bgr)
+    rate = fps.add(time.perf_counter() - t) if fps else None
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    drawn = draw_detections(rgb, res, names, args.score_thr)
+    if rate is not None:
+        text = f'{rate:.1f} fps'
+        cv2.putText(drawn, text, (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 4, cv2.LINE_AA)
+        cv2.putText(drawn, text, (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2, cv2.LINE_AA)
+    return drawn, int((res['scores'] >= args.score_thr).sum())
+
+
+def run_images(paths: list[str], detect, names, args) -> int:
+    """Pictures for image files; undecodable or non-image files are skipped and listed."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from gfl_det.data import BadImageError, load_image
+    from gfl_det.visualize import save_image
+    skipped, done = [], 0
+    fps = FpsMeter() if args.show_fps else None
+    bar = tqdm(paths, unit='img', disable=len(paths) == 1, dynamic_ncols=True)
+    for path in bar:
+        if not path.lower().endswith(IMAGE_EXTS):
+            skipped.append(f'{path} (not an image file)')
+            continue
+        try:
+            rgb = load_image(path)
+        except BadImageError as e:
+            skipped.append(f'{path} ({e.reason.replace("_", " ")})')
+            continue
+        drawn, kept = annotate(np.ascontiguousarray(rgb[..., ::-1]), detect, names, args, fps)
         name = osp.basename(path)
         if not name.lower().endswith(('.png', '.jpg', '.jpeg')):
             name = osp.splitext(name)[0] + '.png'
         out = save_image(osp.join(args.out_dir, name), drawn)
-        kept = int((res['scores'] >= args.score_thr).sum())
-        print(f'{path}: {kept} detection(s) >= {args.score_thr} -> {out}')
+        done += 1
+        if len(paths) == 1:
+            print(f'{path}: {kept} detection(s) >= {args.score_thr} -> {out}')
+    if len(paths) > 1:
+        print(f'{done} picture(s) written to {args.out_dir}')
+    if skipped:
+        print(f'skipped {len(skipped)} of {len(paths)} file(s):\n  ' + '\n  '.join(skipped), file=sys.stderr)
+    return 0 if done else 1
+
+
+def run_video(path: str, detect, names, args) -> int:
+    """An annotated copy of a video (mp4v), frame by frame, with a progress bar."""
+    import cv2
+    from tqdm import tqdm
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise SystemExit(f'error: cannot open video {path} (cv2 has no decoder for it?)')
+    fps_in = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    out_path = osp.join(args.out_dir, osp.splitext(osp.basename(path))[0] + '.mp4')
+    os.makedirs(args.out_dir, exist_ok=True)
+    writer, frames = None, 0
+    fps = FpsMeter() if args.show_fps else None
+    with tqdm(total=total, unit='frame', dynamic_ncols=True) as bar:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            drawn, _ = annotate(frame, detect, names, args, fps)
+            if writer is None:
+                h, w = drawn.shape[:2]
+                writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*'mp4v'), fps_in, (w, h))
+                if not writer.isOpened():
+                    raise SystemExit(f'error: cannot write {out_path} (no mp4v encoder in this cv2 build)')
+            writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+            frames += 1
+            bar.update(1)
+    cap.release()
+    if writer is None:
+        raise SystemExit(f'error: no frame could be read from {path}')
+    writer.release()
+    print(f'{path}: {frames} frame(s) -> {out_path}')
     return 0
+
+
+def list_inputs(path: str) -> list[str]:
+    if osp.isdir(path):
+        files = sorted(osp.join(path, f) for f in os.listdir(path)
+                       if not f.startswith('.') and osp.isfile(osp.join(path, f)))
+        if not files:
+            raise SystemExit(f'error: no files in {path}')
+        return files
+    return [path]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_paths(args)
+    if osp.isfile(args.inputs) and not args.inputs.lower().endswith(IMAGE_EXTS + VIDEO_EXTS):
+        raise SystemExit(f'error: {args.inputs} is neither an image ({", ".join(IMAGE_EXTS)}) nor a '
+                         f'video ({", ".join(VIDEO_EXTS)})')
+    inputs = list_inputs(args.inputs)
+    from gfl_det.fast.malloc import retain_freed_memory
+    retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
+    detect, names = build_detector(args)
+    if args.inputs.lower().endswith(VIDEO_EXTS) and osp.isfile(args.inputs):
+        return run_video(args.inputs, detect, names, args)
+    return run_images(inputs, detect, names, args)
 
 
 if __name__ == '__main__':

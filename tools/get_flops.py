@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """FLOPs of the detector's forward (backbone + neck + head) with torch's flop counter.
 
-    python tools/get_flops.py configs/gfl_r50.py --shape 800 1216 [--train] [--json]
+    python tools/get_flops.py configs/gfl_r50.py [--shape 800 1216] [--train] [--json]
+
+Without --shape the input is the config's test Resize scale, padded to a multiple of 32 as the
+network sees it: (1333, 800) -> 800 x 1344 (the largest landscape input of its test pipeline).
 
 FLOPs here count a multiply-add as 2 (torch.utils.flop_counter), so they are ~2x the "GMACs"
 some tools print. ``--train`` also counts one training step (forward, loss and backward of one
@@ -53,12 +56,17 @@ def count_train_flops(model, shape, num_gt: int = 10, seed: int = 0) -> tuple[in
 def main(argv=None):
     from mmengine.config import Config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
-    p.add_argument("--shape", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
+    p.add_argument("config", help="config file")
+    p.add_argument("--shape", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="input height and width (default: the config's test Resize scale, padded to 32)")
     p.add_argument("--train", action="store_true", help="also count one training step (1 image, 10 boxes)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
-    cfg = Config.fromfile(args.config).model.to_dict()
+    full_cfg = Config.fromfile(args.config)
+    if args.shape is None:
+        from gfl_det.export import test_input_shape
+        args.shape = test_input_shape(full_cfg)
+    cfg = full_cfg.model.to_dict()
     cfg.get("backbone", {}).pop("init_cfg", None)
     model = build_detector(cfg)
     total, parts = count_flops(model, args.shape)

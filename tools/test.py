@@ -3,7 +3,7 @@
 
     python tools/test.py configs/gfl_r18_synthetic.py work_dirs/gfl_r18_synthetic/epoch_12.pth
     python tools/test.py configs/gfl_r50.py gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth \
-        --out results.bbox.json --show-dir vis/
+        --out results.bbox.json --show-dir vis/ --plot-dir plots/
 
 Checkpoints load with ``weights_only=True``: gfl_det's own and MMDetection's model-zoo files
 both do; class names come from the checkpoint. A full training checkpoint from elsewhere that
@@ -32,15 +32,18 @@ def parse_args(argv=None):
     p.add_argument('--out', help='write the detections as a COCO results JSON '
                                  '(e.g. results.bbox.json)')
     p.add_argument('--show-dir', help='write every test image with its predictions drawn here')
-    p.add_argument('--score-thr', type=float, default=0.3, help='--show-dir: draw boxes scoring '
-                                                                'at least this')
+    p.add_argument('--score-thr', type=float, default=0.3, help='--show-dir / --plot-dir: draw '
+                                                                '(count) boxes scoring at least this')
+    p.add_argument('--plot-dir', help='write pr_curves.png (COCOeval precision-recall per IoU and '
+                                      'area) and confusion_matrix.png (IoU >= 0.5, --score-thr) here')
     add_inference_args(p)
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='unpickle the checkpoint fully (weights_only=False): only for files '
                         'from a source you trust')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config keys, e.g. test_dataloader.batch_size=4')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                   help='distributed launcher (pytorch: under torchrun; default none)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parse_inference_args(p, argv)
     if 'LOCAL_RANK' not in os.environ:
@@ -82,7 +85,7 @@ def setup_cfg(args) -> Config:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gfl_det.fast.malloc import retain_freed_memory
-    retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
+    retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
     from gfl_det.data import DatasetError
     from gfl_det.mm import GFLRunner
@@ -97,6 +100,16 @@ def main(argv=None) -> int:
         return 2
     if runner.rank == 0 and metrics:
         runner.logger.info('test: ' + '  '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))
+    if runner.rank == 0 and args.plot_dir:
+        from gfl_det.plots import write_eval_plots
+        evaluators = [m.last_evaluator for m in runner.test_evaluator.metrics
+                      if getattr(m, 'last_evaluator', None) is not None]
+        if not evaluators:
+            print('error: --plot-dir: the test evaluator computed no COCO metrics to plot '
+                  '(format_only?)', file=sys.stderr)
+            return 2
+        for path in write_eval_plots(evaluators[0], args.plot_dir, score_thr=args.score_thr):
+            runner.logger.info(f'wrote {path}')
     return 0
 
 

@@ -105,18 +105,19 @@ def setup_cfg(args) -> Config:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gfl_det.fast.malloc import retain_freed_memory
-    retain_freed_memory()  # freed activations stay mapped (gfl_det/malloc.py; GFL_DET_MALLOC=system to opt out)
+    retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
     from gfl_det.data import DatasetError
     from gfl_det.guard import NonFiniteLossError
     from gfl_det.mm import GFLRunner
+    from gfl_det.models.backbone import PretrainedWeightsError
     try:
         runner = GFLRunner.from_cfg(cfg)
         runner.train()
     except NonFiniteLossError as e:  # already in the log; the message names the checkpoint
         print(f'error: training stopped: {e}', file=sys.stderr)
         return 3
-    except DatasetError as e:  # the message names the file and the fix
+    except (DatasetError, PretrainedWeightsError) as e:  # the message names the file and the fix
         print(f'error: {e}', file=sys.stderr)
         return 2
     if runner.rank == 0:

@@ -78,6 +78,7 @@ class CocoMetric(BaseMetric):
         if self.format_only:
             return {}
         res = ev.evaluate()
+        self.last_evaluator = ev  # tools/test.py --plot-dir: PR curves and confusion matrix
         metrics = {name: float(res[name]) for name in METRIC_NAMES}
         if res['failed_images']:  # only then, so that a clean run has MMDetection's 12 keys
             metrics['failed_images'] = float(len(res['failed_images']))

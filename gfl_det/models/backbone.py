@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -141,11 +142,33 @@ class ResNet(nn.Module):
     def train(self, mode: bool = True) -> "ResNet":
         super().train(mode)
         self._freeze_stages()
+        if mode and not getattr(self, "_checked_frozen_random", False):
+            self._checked_frozen_random = True
+            self._warn_if_frozen_random()
         if mode and self.norm_eval:
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
+
+    def _warn_if_frozen_random(self) -> None:
+        """Training with a frozen stem or fixed BN statistics makes sense for pretrained weights
+        only: warn when the stem was never loaded (BN statistics still at their init, 0 and 1)."""
+        if self.frozen_stages < 0 and not self.norm_eval:
+            return
+        if self.bn1.running_mean.any() or not bool((self.bn1.running_var == 1).all()):
+            return  # pretrained or loaded weights
+        what = []
+        if self.frozen_stages >= 0:
+            stages = {0: "", 1: " and stage 1"}.get(self.frozen_stages, f" and stages 1-{self.frozen_stages}")
+            what.append(f"frozen_stages={self.frozen_stages} keeps the random stem{stages} as initialised")
+        if self.norm_eval:
+            what.append("norm_eval=True keeps every BatchNorm at its initial statistics (mean 0, variance 1)")
+        warnings.warn(
+            f"ResNet-{self.depth} trains from random weights (no pretrained init_cfg, nothing loaded), but "
+            f"{' and '.join(what)}. From scratch set model.backbone frozen_stages=-1 and norm_eval=False (as "
+            f"configs/gfl_r18_bccd.py), or give pretrained weights in model.backbone.init_cfg (README, Install).",
+            UserWarning, stacklevel=3)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -158,17 +181,33 @@ class ResNet(nn.Module):
         return outs
 
 
+class PretrainedWeightsError(FileNotFoundError):
+    """The backbone's pretrained weights cannot be had (no such file, or the download failed);
+    the message names both ways on."""
+
+
+WAYS_ON = ("Two ways on: (1) a local file -- download it once where there is internet (torchvision caches "
+           "'torchvision://NAME' in ~/.cache/torch/hub/checkpoints/) and set model.backbone.init_cfg.checkpoint="
+           "'/path/to/resnet.pth' (a torchvision ResNet state dict or an mmdet/mmpretrain checkpoint), e.g. "
+           "--cfg-options model.backbone.init_cfg.checkpoint=/path/to/resnet.pth; or (2) train from scratch: "
+           "model.backbone.init_cfg=None with frozen_stages=-1 and norm_eval=False (as configs/gfl_r18_bccd.py; "
+           "from scratch needs a longer schedule).")
+
+
 def _read_backbone_state(source: str) -> dict:
     if source.startswith("torchvision://"):
         import torchvision
         name = source[len("torchvision://"):]
         weights = torchvision.models.get_model_weights(name).DEFAULT
-        return weights.get_state_dict(progress=True)
+        try:
+            return weights.get_state_dict(progress=True)
+        except OSError as e:  # urllib's URLError / HTTPError, a refused or timed-out connection
+            raise PretrainedWeightsError(
+                f"could not download the pretrained backbone {source!r} ({weights.url}): "
+                f"{type(e).__name__}: {getattr(e, 'reason', e)}. {WAYS_ON}") from None
     if not os.path.isfile(source):
-        raise FileNotFoundError(
-            f"pretrained backbone weights not found: {source!r}. Give a local .pth file (a torchvision "
-            f"ResNet state dict or an mmdet/mmcls checkpoint) or 'torchvision://resnet50' on a machine "
-            f"with internet access.")
+        raise PretrainedWeightsError(f"pretrained backbone weights not found: {source!r} "
+                                     f"(model.backbone.init_cfg.checkpoint). {WAYS_ON}")
     obj = torch.load(source, map_location="cpu", weights_only=True)
     state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):

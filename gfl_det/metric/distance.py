@@ -68,5 +68,5 @@ def zero_loss(*tensors: Tensor) -> Tensor:
 def same_identity(labels: Tensor) -> tuple[Tensor, Tensor]:
     """Masks over the (N, N) pairs: positives (same label, i != j) and negatives (different)."""
     same = labels[:, None] == labels[None, :]  # (N, N)
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return same & ~eye, ~same
+    negative = ~same
+    return same.fill_diagonal_(False), negative

@@ -15,11 +15,6 @@ from .distance import check_embeddings, normalize, pairwise_distance, same_ident
 from .synthesis import reflect
 
 
-def mean_nonzero(losses: Tensor) -> Tensor:
-    """Mean over the entries > 0 (0 when there are none): PML's AvgNonZeroReducer."""
-    return losses.sum() / (losses > 0).sum().clamp(min=1)
-
-
 def contrastive_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.0,
                      neg_margin: float = 1.0) -> Tensor:
     """Every ordered pair (i, j), i != j, of the batch:
@@ -28,15 +23,23 @@ def contrastive_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.0,
         negative:              max(neg_margin - d_ij, 0)
 
     each kind averaged over its non-zero terms, the two averages added (pytorch-metric-learning's
-    ContrastiveLoss with its AvgNonZeroReducer). emb (N, D), labels (N,) int64."""
+    ContrastiveLoss with its AvgNonZeroReducer). emb (N, D), labels (N,) int64.
+
+    Both terms are linear in the distances of the active pairs (those with a non-zero term), so
+    the loss is computed as sum_ij w_ij d_ij + c with w_ij = 1 / #active positives on active
+    positives, -1 / #active negatives on active negatives: one weighted sum over the (N, N)
+    matrix, the same value and gradient as the two masked means."""
     check_embeddings(emb, labels)
     d = pairwise_distance(normalize(emb))  # (N, N)
     pos, neg = same_identity(labels)  # (N, N)
-    pos_losses = (d - pos_margin).clamp(min=0).masked_fill(~pos, 0.0)  # (N, N)
-    neg_losses = (neg_margin - d).clamp(min=0).masked_fill(~neg, 0.0)  # (N, N)
-    return mean_nonzero(pos_losses) + mean_nonzero(neg_losses) + zero_loss(emb)
-
-
+    with torch.no_grad():
+        active_pos = pos & (d > pos_margin)  # (N, N) pairs with a non-zero term
+        active_neg = neg & (d < neg_margin)
+        n_pos, n_neg = int(active_pos.sum()), int(active_neg.sum())
+        weights = torch.zeros_like(d).masked_fill_(active_pos, 1 / max(n_pos, 1))  # (N, N)
+        weights.masked_fill_(active_neg, -1 / max(n_neg, 1))
+        constant = neg_margin * (n_neg > 0) - pos_margin * (n_pos > 0)
+    return (weights * d).sum() + constant
 def npair_loss(anchor: Tensor, positive: Tensor, labels: Tensor, scale: float = 1.0,
                synthesis: Optional[str] = None) -> Tensor:
     """Multi-class N-pair loss: pair i = (anchor_i, positive_i) of identity labels_i; each anchor

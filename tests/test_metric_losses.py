@@ -173,6 +173,10 @@ def test_bad_input_is_a_clear_value_error(bad, match):
             fn()
     with pytest.raises(ValueError, match="mining"):
         triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), mining="hardest")
+    with pytest.raises(ValueError, match="positive has N = 3"):
+        npair_loss(torch.randn(2, 3), torch.randn(3, 3), torch.arange(2))
+    with pytest.raises(ValueError, match="positive 4"):
+        npair_loss(torch.randn(2, 3), torch.randn(2, 4), torch.arange(2))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         ArcFaceLoss(3, 3)(torch.randn(2, 3), torch.tensor([0, 3]))
 

@@ -44,9 +44,9 @@ def sort_negatives(d_an: Tensor, neg: Tensor) -> SortedNegatives:
 @torch.no_grad()
 def positive_columns(pos: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's positives packed to the left: (cols (B, P), valid (B, P)), P the largest
-    number of positives of a row (with P x K batches, K - 1 rather than N)."""
+    number of positives of a row (with P x K batches, K - 1 rather than N), at least 1."""
     count = pos.sum(1)  # (B,)
-    width = int(count.max()) if len(count) else 0
+    width = max(int(count.max()) if len(count) else 0, 1)
     rows, cols = pos.nonzero(as_tuple=True)  # row-major: positives of a row in column order
     slot = torch.arange(len(rows), device=pos.device) - (count.cumsum(0) - count)[rows]
     packed = torch.zeros(len(pos), width, dtype=torch.long, device=pos.device)
@@ -60,9 +60,11 @@ def batch_hard(d_ap: Tensor, pos: Tensor, d_an: Tensor, neg: Tensor) -> tuple[Te
 
     Returns index triplets (a, p, n), one per anchor with a positive and a negative (as PML's
     BatchHardMiner; among equal distances the first index)."""
-    a = (pos.any(1) & neg.any(1)).nonzero().squeeze(1)  # (T,)
-    p = d_ap.masked_fill(~pos, -INF).argmax(1)  # (B,) farthest positive
+    cols, valid = positive_columns(pos)  # (B, P)
+    farthest = d_ap.gather(1, cols).masked_fill(~valid, -INF).argmax(1, keepdim=True)  # (B, 1)
+    p = cols.gather(1, farthest).squeeze(1)  # (B,) farthest positive
     n = d_an.masked_fill(~neg, INF).argmin(1)  # (B,) nearest negative
+    a = (valid.any(1) & neg.any(1)).nonzero().squeeze(1)  # (T,)
     return a, p[a], n[a]
 
 

@@ -63,6 +63,8 @@ def npair_loss(anchor: Tensor, positive: Tensor, labels: Tensor, scale: float = 
     anchor, positive (M, D) float; labels (M,) int64."""
     check_embeddings(anchor, labels, name="anchor")
     check_embeddings(positive, labels, name="positive")
+    if anchor.shape[1] != positive.shape[1]:
+        raise ValueError(f"anchor has D = {anchor.shape[1]}, positive {positive.shape[1]}")
     if synthesis not in (None, "symmetrical"):
         raise ValueError(f"unknown synthesis {synthesis!r}: use None or 'symmetrical'")
     if len(anchor) == 0:

@@ -400,7 +400,8 @@ def print_speed_table(rows, args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         pml_t, m_o, m_p = r.get("time_PML"), r.get("memory_ours"), r.get("memory_PML")
-        t_ratio = f"**{r['time_ours'] / pml_t:.2f}**" if pml_t else "PML cannot run"
+        t_ratio = f"**{r['time_ours'] / pml_t:.2f}**" if pml_t else (
+            "PML not installed" if PML_MISSING else "PML cannot run")
         if m_p is None and r.get("memory_PML_error"):
             m_ratio = f"< {m_o / (args.memory_cap * 2 ** 30):.3f}" if m_o else "-"
             m_pml = f"> {args.memory_cap:g} GiB (stopped)"

@@ -13,6 +13,8 @@ per-class NMS. Decisions can differ only for IoUs within rounding of the thresho
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torchvision
 from torch import Tensor
@@ -28,6 +30,24 @@ def flatten_cls(cls_scores: list[Tensor]) -> Tensor:
 def flatten_reg(bbox_preds: list[Tensor], reg_max: int) -> Tensor:
     """[(B, 4(R+1), H_l, W_l)] -> (B, A, 4, R + 1)."""
     return torch.cat([r.permute(0, 2, 3, 1).reshape(r.shape[0], -1, 4, reg_max + 1) for r in bbox_preds], 1)
+
+
+def gather_prior_rows(levels: Sequence[Tensor], b: Tensor, a: Tensor) -> Tensor:
+    """Rows (b_i, a_i) of the per-level maps [(B, D, H_l, W_l)] as (N, D), a_i a prior index over
+    all levels. Reads only the N rows (no (B, A, D) copy of the maps); differentiable."""
+    sizes = torch.tensor([e.shape[-2] * e.shape[-1] for e in levels], device=a.device)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # (L + 1,)
+    level = torch.bucketize(a, starts[1:], right=True)  # (N,) the level of each row
+    parts, where = [], []
+    for i, e in enumerate(levels):
+        sel = (level == i).nonzero().squeeze(1)
+        j = a[sel] - starts[i]  # index inside the level, y * W_l + x
+        parts.append(e[b[sel], :, j // e.shape[-1], j % e.shape[-1]])  # (n_l, D)
+        where.append(sel)
+    where = torch.cat(where)
+    inverse = torch.empty_like(where)
+    inverse[where] = torch.arange(len(where), device=where.device)
+    return torch.cat(parts)[inverse]
 
 
 def integral(logits: Tensor) -> Tensor:

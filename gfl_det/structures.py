@@ -1,7 +1,8 @@
 """The named contracts between the detector's parts.
 
 Legend: B images, G ground-truth boxes per image (padded to the batch's largest count),
-C classes, R = reg_max (distribution bins 0..R), H_l x W_l the map of level l.
+C classes, R = reg_max (distribution bins 0..R), H_l x W_l the map of level l, D the embedding
+dimension.
 
 * :class:`HeadOutputs` -- what the head predicts (the head only predicts: ``criterion.py`` turns
   it into losses, ``postprocess.py`` into detections). Later heads add optional fields.
@@ -26,6 +27,8 @@ class HeadOutputs:
     cls: list[Tensor]  # [(B, C, H_l, W_l)] joint class-quality logits (sigmoid = score x IoU)
     reg: list[Tensor]  # [(B, 4 (R + 1), H_l, W_l)] edge distributions, channel side * (R + 1) + bin
     #                    sides (left, top, right, bottom), already multiplied by the level's Scale
+    embed: Optional[list[Tensor]] = None  # [(B, D, H_l, W_l)] L2-normalised over D: the identity
+    #                    embedding of each location (only with ``bbox_head.embed``; models/embed_head.py)
 
     @property
     def level_shapes(self) -> list[tuple[int, int]]:

@@ -22,6 +22,7 @@ from ..postprocess import gfl_predict
 from ..priors import make_priors
 from ..structures import HeadOutputs, Targets
 from .backbone import ResNet
+from .embed_head import attach_embeddings, build_embedding
 from .fpn import FPN
 from .gfl_head import GFLHead
 
@@ -97,7 +98,8 @@ class GFL(nn.Module):
     def predict(self, x: Tensor, metas: Sequence[dict], rescale: bool = True) -> list[dict[str, Tensor]]:
         """Detections per image: ``bboxes`` (k, 4) xyxy (original-image pixels when ``rescale``,
         else network-input pixels), ``scores``, ``labels``, ``prior_idx`` (see
-        :func:`gfl_det.postprocess.gfl_predict`)."""
+        :func:`gfl_det.postprocess.gfl_predict`); with an embedding branch also ``embeddings``
+        (k, D), each read at its detection's prior."""
         compiled = self.__dict__.get('compiled_features')  # set by gfl_det.fast.fuse.compile_for_inference
         return self.predict_by_feat(compiled(x) if compiled is not None else self(x), metas, rescale)
 
@@ -108,10 +110,11 @@ class GFL(nn.Module):
         img_shapes = host_tensor([m['img_shape'][:2] for m in metas], dev, torch.float32)
         sf = torch.tensor([m['scale_factor'][:2] for m in metas], dtype=torch.float64) if rescale else None
         cfg = self.test_cfg
-        return gfl_predict(outputs.cls, outputs.reg, list(priors.points.split(priors.num_level)),
+        dets = gfl_predict(outputs.cls, outputs.reg, list(priors.points.split(priors.num_level)),
                            list(self.bbox_head.strides), img_shapes, sf, nms_pre=cfg['nms_pre'],
                            score_thr=cfg['score_thr'], iou_threshold=cfg['nms']['iou_threshold'],
                            max_per_img=cfg['max_per_img'], min_bbox_size=cfg['min_bbox_size'])
+        return dets if outputs.embed is None else attach_embeddings(dets, outputs.embed)
 
 
 def check_test_cfg(test_cfg: Optional[dict]) -> dict:
@@ -131,7 +134,8 @@ def build_detector(cfg: dict[str, Any], class_names: Optional[Sequence[str]] = N
 
     MMDetection's keys are accepted with the values gfl_det implements; any other ``type`` or
     option is refused naming the key (``gfl_det.config_check``). gfl_det's own keys:
-    ``channels_last`` and ``fast`` (``dict(stem_pool=True, fused_qfl=False)``, see gfl_det/fast/).
+    ``channels_last`` and ``fast`` (``dict(stem_pool=True, fused_qfl=False)``, see gfl_det/fast/);
+    ``bbox_head.embed`` adds the identity-embedding branch and its loss (models/embed_head.py).
     """
     cfg = check_keys('model', pop_type('model', cfg, 'GFL'), backbone=None, neck=None, bbox_head=None,
                      train_cfg=None, test_cfg=None, data_preprocessor=None, init_cfg=(None,),
@@ -144,7 +148,7 @@ def build_detector(cfg: dict[str, Any], class_names: Optional[Sequence[str]] = N
                    in_channels=None, feat_channels=None, stacked_convs=None, reg_max=None,
                    anchor_generator=None, loss_cls=None, loss_bbox=None, loss_dfl=None, bbox_coder=None,
                    norm_cfg=(dict(type='GN', num_groups=32, requires_grad=True),), conv_cfg=(None,),
-                   init_cfg=(None,))
+                   init_cfg=(None,), embed=None)
     ag = check_keys('bbox_head.anchor_generator', pop_type('bbox_head.anchor_generator', h.get('anchor_generator'),
                                                            'AnchorGenerator'),
                     ratios=([1.0], (1.0,), [1], (1,)), octave_base_scale=None, scales_per_octave=(1,), strides=None)
@@ -152,11 +156,14 @@ def build_detector(cfg: dict[str, Any], class_names: Optional[Sequence[str]] = N
     reg_max = h.get('reg_max', 16)
     head = GFLHead(h['num_classes'], h.get('in_channels', neck.out_channels), h.get('feat_channels', 256),
                    h.get('stacked_convs', 4), reg_max, strides)
+    head.embed, embed_loss = build_embedding(h.get('embed'), h.get('in_channels', neck.out_channels),
+                                             h.get('feat_channels', 256))
     train_cfg = check_keys('train_cfg', dict(cfg.get('train_cfg') or {}), assigner=None, sampler=None,
                            allowed_border=None, pos_weight=None, debug=None)
     criterion = GFLCriterion(h['num_classes'], reg_max, strides, ag.get('octave_base_scale', 8),
                              loss_cls=h.get('loss_cls'), loss_bbox=h.get('loss_bbox'), loss_dfl=h.get('loss_dfl'),
-                             bbox_coder=h.get('bbox_coder'), fused_qfl=fast['fused_qfl'], **train_cfg)
+                             bbox_coder=h.get('bbox_coder'), fused_qfl=fast['fused_qfl'],
+                             extra_terms=None if embed_loss is None else {'embed': embed_loss}, **train_cfg)
     dp = check_keys('data_preprocessor', dict(cfg.get('data_preprocessor') or {}), type=('DetDataPreprocessor',),
                     mean=None, std=None, bgr_to_rgb=(True,), pad_size_divisor=None, pad_value=(0,),
                     batch_augments=(None,), non_blocking=None, boxtype2tensor=(True,))

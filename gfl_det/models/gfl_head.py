@@ -68,9 +68,11 @@ class GFLHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.gfl_cls.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.embed = None  # optional identity-embedding tower (embed_head.py), set by build_detector
 
     def forward(self, feats: Sequence[Tensor]) -> HeadOutputs:
-        """FPN maps -> cls logits [(B, C, H_l, W_l)], reg logits [(B, 4(R+1), H_l, W_l)]."""
+        """FPN maps -> cls logits [(B, C, H_l, W_l)], reg logits [(B, 4(R+1), H_l, W_l)] (and the
+        embeddings [(B, D, H_l, W_l)] when the head has an ``embed`` tower)."""
         cls_out, reg_out = [], []
         for x, scale in zip(feats, self.scales):
             c, r = x, x
@@ -80,4 +82,4 @@ class GFLHead(nn.Module):
                 r = conv(r)
             cls_out.append(self.gfl_cls(c))
             reg_out.append(scale(self.gfl_reg(r)))
-        return HeadOutputs(cls_out, reg_out)
+        return HeadOutputs(cls_out, reg_out, None if self.embed is None else self.embed(feats))

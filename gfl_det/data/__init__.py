@@ -7,17 +7,21 @@ See the contract in each module's docstring; the main entry points:
 * :func:`build_transforms` -- keep-ratio resize (single or multi-scale), flip, colour.
 * :func:`collate` -- samples -> padded batch with a gt valid mask.
 * :class:`AspectRatioBatchSampler`, :func:`build_dataloader`.
-* :func:`make_synthetic_coco` -- the synthetic shapes dataset.
+* :func:`make_synthetic_coco` -- the synthetic shapes dataset (``synthetic_reid``: with identities).
+* identities of the boxes (``CocoDataset(identities=...)``, :mod:`.identity`) and
+  :class:`MultiViewDataset` (two augmented views of each image in a batch).
 * :func:`voc_to_coco` / :func:`yolo_to_coco` -- Pascal VOC XML / YOLO txt labels to COCO.
 """
 
 from .coco import CocoDataset, to_sample
+from .identity import IdentityError
 from .collate import collate
 from .loader import AspectRatioBatchSampler, build_dataloader, worker_init_fn
 from .synthetic import make_synthetic_coco
 from .transforms import (Compose, KeepRatioResize, PhotoMetricDistortion, RandomFlip,
                          build_transforms, rescale_size)
 from .validation import BadImageError, DatasetError, SkipReport, load_image
+from .views import MultiViewDataset
 from .voc import voc_to_coco
 from .yolo import yolo_to_coco
 
@@ -25,4 +29,4 @@ __all__ = ['CocoDataset', 'to_sample', 'collate', 'AspectRatioBatchSampler', 'bu
            'worker_init_fn', 'make_synthetic_coco', 'Compose', 'KeepRatioResize',
            'PhotoMetricDistortion', 'RandomFlip', 'build_transforms', 'rescale_size',
            'BadImageError', 'DatasetError', 'SkipReport', 'load_image',
-           'voc_to_coco', 'yolo_to_coco']
+           'voc_to_coco', 'yolo_to_coco', 'IdentityError', 'MultiViewDataset']

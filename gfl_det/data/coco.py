@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .identity import annotation_identities, lookup
 from .transforms import build_transforms
 from .validation import (BadImageError, DatasetError, SkipReport, check_image_file,
                          load_coco_json, load_image, validate_coco)
@@ -75,6 +76,7 @@ def to_sample(results: dict) -> dict:
         'boxes': torch.from_numpy(np.asarray(results['boxes'], np.float32).reshape(-1, 4)),
         'labels': torch.from_numpy(np.asarray(results['labels'], np.int64).reshape(-1)),
         'meta': results['meta'],
+        **({'ids': torch.from_numpy(np.asarray(results['ids'], np.int64).reshape(-1))} if 'ids' in results else {}),
     }
 
 
@@ -104,13 +106,15 @@ class CocoDataset(Dataset):
             ``'skip'`` (evaluation: a bad file gives a failed sample, counted and reported by
             the evaluator; in training: files found bad at load time are dropped).
         max_retries: consecutive bad images tolerated by ``'resample'``.
+        identities: ``None``, ``'instance_id'`` or ``'annotation'``: samples carry ``ids``, each
+            box's identity (:mod:`gfl_det.data.identity`; ``identity_names`` maps them back).
     """
 
     def __init__(self, ann_file: Union[str, os.PathLike], img_dir: Union[str, os.PathLike],
                  transforms: Union[None, dict, Callable] = None, *, test_mode: bool = False,
                  filter_empty_gt: Optional[bool] = None, min_size: int = 32,
                  check_images: str = 'exists', on_bad_image: Optional[str] = None,
-                 max_retries: int = 20):
+                 max_retries: int = 20, identities: Optional[str] = None):
         self.ann_file = str(ann_file)
         self.img_dir = str(img_dir)
         self.test_mode = bool(test_mode)
@@ -133,7 +137,11 @@ class CocoDataset(Dataset):
         self.transforms = transforms
 
         self.skipped = SkipReport()
-        parsed = validate_coco(load_coco_json(self.ann_file), skipped=self.skipped)
+        data = load_coco_json(self.ann_file)
+        parsed = validate_coco(data, skipped=self.skipped)
+        self.identities = identities
+        id_of, self.identity_names = (annotation_identities(data, identities, self.ann_file)
+                                      if identities else (None, None))
         self.cat_ids: list[int] = parsed['cat_ids']
         self.classes: tuple[str, ...] = parsed['classes']
         self.cat2label = {c: i for i, c in enumerate(self.cat_ids)}
@@ -196,6 +204,7 @@ class CocoDataset(Dataset):
         self._boxes, self._box_off = _pack([im['boxes'] for im in images], 4, np.float32)
         self._labels, _ = _pack([im['labels'] for im in images], 0, np.int64)
         self._ign, self._ign_off = _pack([im['boxes_ignore'] for im in images], 4, np.float32)
+        self._ids = _pack([lookup(id_of, im['ann_ids']) for im in images], 0, np.int64)[0] if identities else None
         self._bad_idx.update(known_bad)
         if known_bad and len(known_bad) == len(images):
             raise DatasetError(f'no usable image in {self.ann_file} (img_dir {self.img_dir}):\n'
@@ -229,7 +238,8 @@ class CocoDataset(Dataset):
         h, w = self._hw[idx]
         return {'img_id': int(self._img_ids[idx]), 'file_name': str(self._names[idx]),
                 'height': int(h), 'width': int(w), 'boxes': self._boxes[a:b].copy(),
-                'labels': self._labels[a:b].copy(), 'boxes_ignore': self._ign[c:d].copy()}
+                'labels': self._labels[a:b].copy(), 'boxes_ignore': self._ign[c:d].copy(),
+                **({'ids': self._ids[a:b].copy()} if self._ids is not None else {})}
 
     def img_path(self, idx: int) -> str:
         return os.path.join(self.img_dir, str(self._names[idx]))
@@ -257,6 +267,7 @@ class CocoDataset(Dataset):
                                 f'file is {img.shape[1]}x{img.shape[0]}, JSON says {W}x{H}')
         ann = self.get_ann_info(idx)
         return {'image': img, 'boxes': ann['boxes'], 'labels': ann['labels'],
+                **({'ids': ann['ids']} if 'ids' in ann else {}),
                 'meta': {'img_id': ann['img_id'], 'file_name': ann['file_name'],
                          'ori_shape': (H, W), 'img_shape': (H, W), 'scale_factor': (1.0, 1.0),
                          'flip': False}}
@@ -270,6 +281,7 @@ class CocoDataset(Dataset):
         return {'image': torch.zeros((3, s, s), dtype=torch.uint8),
                 'boxes': torch.zeros((0, 4), dtype=torch.float32),
                 'labels': torch.zeros((0,), dtype=torch.int64),
+                **({'ids': torch.zeros((0,), dtype=torch.int64)} if self._ids is not None else {}),
                 'meta': {'img_id': int(self._img_ids[idx]), 'file_name': str(self._names[idx]),
                          'ori_shape': (H, W), 'img_shape': (s, s),
                          'scale_factor': (s / W, s / H), 'flip': False, 'load_failed': reason}}

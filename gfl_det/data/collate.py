@@ -17,7 +17,7 @@ def _round_up(x: int, d: int) -> int:
 
 
 def collate(samples: Sequence[dict], size_divisor: int = 32) -> dict:
-    """Stack contract samples into a batch.
+    """Stack contract samples (or lists of them: the views of one image) into a batch.
 
     Returns::
 
@@ -29,6 +29,8 @@ def collate(samples: Sequence[dict], size_divisor: int = 32) -> dict:
          'metas':   list of B meta dicts (copies) with 'pad_shape' (own img_shape rounded up
                     to the divisor) and 'batch_input_shape' (Hb, Wb) added}
     """
+    # MultiViewDataset (views.py) gives a list of views per image: they are samples side by side
+    samples = [v for s in samples for v in (s if isinstance(s, (list, tuple)) else [s])]
     if len(samples) == 0:
         raise ValueError('collate got an empty list of samples')
     B = len(samples)

@@ -113,24 +113,27 @@ def render_image(rng: np.random.Generator, h: int, w: int, min_obj: int = 16,
     return img, objects
 
 
-def _split(root: Path, split: str, num: int, seed: int, info: dict) -> dict:
+def _split(root: Path, split: str, num: int, seed: int, info: dict, render=None) -> dict:
+    """Write the images of one split; returns its COCO dict. ``render(rng, h, w, split)`` gives
+    (image, objects); an object is ``(class_index, [x, y, w, h])``, optionally with a dict of
+    more annotation fields as a third item (the identities set adds ``instance_id``)."""
     img_dir = root / split
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0 if split == 'train' else 1])
     images, anns = [], []
     for i in range(num):
         h, w = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
-        img, objects = render_image(rng, h, w)
+        img, objects = render(rng, h, w, split) if render else render_image(rng, h, w)
         name = f'{split}_{i:05d}.jpg'
         ok = cv2.imwrite(str(img_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                          [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
             raise OSError(f'could not write {img_dir / name}')
         images.append({'id': i + 1, 'file_name': name, 'height': h, 'width': w})
-        for cls, bbox in objects:
+        for cls, bbox, *extra in objects:
             anns.append({'id': len(anns) + 1, 'image_id': i + 1, 'category_id': cls + 1,
                          'bbox': [float(v) for v in bbox], 'area': float(bbox[2] * bbox[3]),
-                         'iscrowd': 0, 'segmentation': []})
+                         'iscrowd': 0, 'segmentation': [], **(extra[0] if extra else {})})
     return {'info': dict(info, split=split), 'images': images, 'annotations': anns,
             'categories': [{'id': k + 1, 'name': n, 'supercategory': 'shape'}
                            for k, (n, _) in enumerate(SYNTHETIC_CLASSES)]}
@@ -159,9 +162,16 @@ def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 300,
 
     Returns ``{'root', 'train_ann', 'train_img_dir', 'val_ann', 'val_img_dir'}`` (str).
     """
-    root = Path(root)
     info = {'description': 'gfl_det synthetic shapes', 'version': VERSION,
             'num_train': int(num_train), 'num_val': int(num_val), 'seed': int(seed)}
+    return write_synthetic(root, info, num_train, num_val, seed)
+
+
+def write_synthetic(root: Union[str, os.PathLike], info: dict, num_train: int, num_val: int, seed: int,
+                    render=None) -> dict:
+    """The writer behind :func:`make_synthetic_coco` (and ``synthetic_reid``): nothing is written
+    when the JSONs record ``info`` and every image exists; ``render`` as in :func:`_split`."""
+    root = Path(root)
     paths = {'root': str(root),
              'train_ann': str(root / 'annotations' / 'instances_train.json'),
              'train_img_dir': str(root / 'train'),
@@ -175,7 +185,7 @@ def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 300,
         if ann.exists():
             ann.unlink()    # incomplete/stale: the JSON is the completion marker
     for split, num in (('train', num_train), ('val', num_val)):
-        data = _split(root, split, num, seed, info)
+        data = _split(root, split, num, seed, info, render)
         ann = root / 'annotations' / f'instances_{split}.json'
         tmp = ann.with_suffix('.json.tmp')
         with open(tmp, 'w') as f:

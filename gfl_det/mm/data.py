@@ -138,12 +138,33 @@ class SyntheticCocoDataset(CocoDetDataset):
     """A :class:`CocoDetDataset` on the synthetic shapes set, written under ``data_root`` first
     when missing (:func:`gfl_det.data.make_synthetic_coco`; idempotent, rank 0 writes).
 
-    ``synthetic=dict(num_train=300, num_val=60, seed=0)`` are the generator's arguments.
+    ``synthetic=dict(num_train=300, num_val=60, seed=0)`` are the generator's arguments; with
+    ``train_ids_per_class`` / ``test_ids_per_class`` in it, the set with identities is written
+    instead (:func:`gfl_det.data.synthetic_reid.make_synthetic_reid_coco`).
     """
 
     def __init__(self, data_root: str = 'data/synthetic/', synthetic: dict | None = None,
                  **kwargs: Any):
         if get_rank() == 0:
-            gdata.make_synthetic_coco(data_root, **(synthetic or {}))
+            synthetic = dict(synthetic or {})
+            if {'train_ids_per_class', 'test_ids_per_class'} & set(synthetic):
+                from ..data.synthetic_reid import make_synthetic_reid_coco
+                make_synthetic_reid_coco(data_root, **synthetic)
+            else:
+                gdata.make_synthetic_coco(data_root, **synthetic)
         barrier()
         super().__init__(data_root=data_root, **kwargs)
+
+
+@DATASETS.register_module(name='MultiViewDataset')
+def _multi_view(dataset: dict, views: int = 2, view_pipeline: Sequence[dict] | None = None,
+                seed: int | None = None) -> gdata.MultiViewDataset:
+    """``dict(type='MultiViewDataset', views=2, dataset=dict(type='CocoDataset', ...))``: ``views``
+    augmented views of every image in a batch (:class:`gfl_det.data.MultiViewDataset`; a batch of
+    ``batch_size`` images holds ``views x batch_size`` samples). The inner dataset gets
+    ``identities='annotation'`` unless it says otherwise; ``view_pipeline`` (pipeline steps) and
+    ``seed`` make augmented views of a deterministic test pipeline, the same in every run."""
+    inner = dict(dataset)
+    inner.setdefault('identities', 'annotation')
+    return gdata.MultiViewDataset(DATASETS.build(inner), views,
+                                  build_pipeline(view_pipeline) if view_pipeline else None, seed)

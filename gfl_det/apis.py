@@ -5,7 +5,8 @@
     result = inference_detector(model, 'demo.jpg')
     # {'bboxes': (k, 4) float32 xyxy in the image's pixels, 'scores': (k,), 'labels': (k,) int64,
     #  'class_names': [k names]: the name of each detection's label (None when the checkpoint
-    #  has no class names); the model's class list is model.class_names}
+    #  has no class names); the model's class list is model.class_names;
+    #  'embeddings': (k, D) unit vectors, with an embedding branch (bbox_head.embed)}
 
 Drawing lives in :mod:`gfl_det.visualize` (``draw_detections``, ``save_image``).
 
@@ -213,7 +214,9 @@ def inference_detector(model, imgs: Union[ImageLike, Sequence[ImageLike]],
         per image ``dict(bboxes=(k, 4) float32 xyxy in original-image pixels,
         scores=(k,) float32, labels=(k,) int64, class_names=list of k names or None)``:
         ``class_names[i]`` is the name of ``labels[i]`` (one per detection, not the class list,
-        which is ``model.class_names``); a single dict for a single image.
+        which is ``model.class_names``); with an embedding branch (``bbox_head.embed``) also
+        ``embeddings=(k, D) float32``, each detection's unit-length identity embedding; a single
+        dict for a single image.
     """
     single = not isinstance(imgs, (list, tuple))
     imgs = [imgs] if single else list(imgs)
@@ -237,6 +240,7 @@ def inference_detector(model, imgs: Union[ImageLike, Sequence[ImageLike]],
             labels = p['labels'].cpu().numpy().astype(np.int64)
             out.append({'bboxes': p['bboxes'].float().cpu().numpy(),
                         'scores': p['scores'].float().cpu().numpy(), 'labels': labels,
-                        'class_names': [names[j] for j in labels] if names else None})
+                        'class_names': [names[j] for j in labels] if names else None,
+                        **({'embeddings': p['embeddings'].float().cpu().numpy()} if 'embeddings' in p else {})})
     model.train(was_training)
     return out[0] if single else out

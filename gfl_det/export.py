@@ -20,9 +20,9 @@ The graph (``tools/export_onnx.py`` writes it):
   detection). With NMS: per image best first; without: every candidate, per level best first --
   the runtime then applies class-aware NMS (IoU ``iou_threshold``) and ``max_per_img``, both in
   the file's metadata (:class:`OnnxDetector` does). To map boxes to the original image divide
-  x by ``scale_x`` and y by ``scale_y`` (new size / original size). An ``embeddings`` output
-  (N, D) joins once a model has an embedding branch (issue 16): per-detection outputs are
-  gathered at the kept prior index (:meth:`GFLExportGraph.per_prior_outputs`).
+  x by ``scale_x`` and y by ``scale_y`` (new size / original size). A model with an embedding
+  branch also outputs ``embeddings`` float32 (N, D), each detection's unit vector: per-detection
+  outputs are gathered at the kept prior index (:meth:`GFLExportGraph.per_prior_outputs`).
 * opset 17; ``onnx.checker``-checked; simplified with onnxslim when it is installed. The file's
   metadata ``gfl_det`` (JSON) holds class names, the resize scale, thresholds and layout.
 
@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.onnx.operators import shape_as_tensor
 
 from .boxes import distance2bbox
-from .postprocess import batched_class_nms, integral
+from .postprocess import batched_class_nms, flatten_cls, integral
 
 OPSET = 17
 OUTPUTS = ('boxes', 'scores', 'labels', 'batch_index')
@@ -54,11 +54,12 @@ OUTPUTS = ('boxes', 'scores', 'labels', 'batch_index')
 TOLERANCE = {'fp32': dict(box_px=0.05, score=1e-3), 'fp16': dict(box_px=2.0, score=0.02)}
 
 
-def _head_outputs(model: nn.Module, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Per-level (cls logits [(B, C, H_l, W_l)], box logits [(B, 4(R+1), H_l, W_l)]): the one
-    place export depends on the head's output format (:class:`gfl_det.structures.HeadOutputs`)."""
+def _head_outputs(model: nn.Module, x: Tensor) -> tuple[list[Tensor], list[Tensor], Optional[list[Tensor]]]:
+    """Per-level (cls logits [(B, C, H_l, W_l)], box logits [(B, 4(R+1), H_l, W_l)], embeddings
+    [(B, D, H_l, W_l)] or None): the one place export depends on the head's output format
+    (:class:`gfl_det.structures.HeadOutputs`)."""
     out = model(x)
-    return out.cls, out.reg
+    return out.cls, out.reg, out.embed
 
 
 class _NonMaxSuppression(torch.autograd.Function):
@@ -105,6 +106,7 @@ class GFLExportGraph(nn.Module):
         self.fp16, self.with_nms, self.size_divisor = fp16, with_nms, size_divisor
         head = net.bbox_head
         self.num_classes, self.reg_max, self.strides = head.num_classes, head.reg_max, list(head.strides)
+        self.with_embed = getattr(head, 'embed', None) is not None
         self.register_buffer('mean', model.pixel_mean.detach().float().reshape(1, 3, 1, 1).clone())
         self.register_buffer('std', model.pixel_std.detach().float().reshape(1, 3, 1, 1).clone())
         cfg = model.test_cfg
@@ -115,13 +117,15 @@ class GFLExportGraph(nn.Module):
     def output_names(self) -> list[str]:
         return list(OUTPUTS) + list(self.per_prior_outputs(None, None))
 
-    def per_prior_outputs(self, cls_levels: Optional[list[Tensor]], reg_levels: Optional[list[Tensor]]
-                          ) -> dict[str, Optional[Tensor]]:
+    def per_prior_outputs(self, cls_levels: Optional[list[Tensor]], reg_levels: Optional[list[Tensor]],
+                          embed_levels: Optional[list[Tensor]] = None) -> dict[str, Optional[Tensor]]:
         """Extra per-detection outputs, each given per prior as (B, A, D) (A = all levels' priors in
-        (level, y, x) order); they are gathered at the kept detections' priors. GFL has none; a
-        model with an embedding branch returns ``{'embeddings': ...}`` here. Called with ``None``
-        arguments it must return the same names (values unused)."""
-        return {}
+        (level, y, x) order); they are gathered at the kept detections' priors. A model with an
+        embedding branch gives ``{'embeddings': (B, A, D)}`` (unit vectors); plain GFL none. Called
+        with ``None`` arguments it must return the same names (values unused)."""
+        if not self.with_embed:
+            return {}
+        return {'embeddings': None if embed_levels is None else flatten_cls(embed_levels)}
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 BGR (B, H, W, 3) -> normalised RGB (B, 3, Hp, Wp), zero-padded to the divisor."""
@@ -180,14 +184,15 @@ class GFLExportGraph(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         x = self.preprocess(images)
-        cls_levels, reg_levels = _head_outputs(self.net, x)
+        cls_levels, reg_levels, embed_levels = _head_outputs(self.net, x)
         hw = shape_as_tensor(images)[1:3].float()
         boxes, scores, labels, priors = self.candidates(cls_levels, reg_levels, hw)
         if self.with_nms:
             img, cand = self.nms(boxes, scores, labels)
         else:
             img, cand = (scores > self.score_thr).nonzero().unbind(1)
-        extras = self.per_prior_outputs(cls_levels, reg_levels)
+        extras = (self.per_prior_outputs(cls_levels, reg_levels, embed_levels) if self.with_embed
+                  else self.per_prior_outputs(cls_levels, reg_levels))
         prior = priors[img, cand]
         return (boxes[img, cand], scores[img, cand], labels[img, cand], img,
                 *(v.float()[img, prior] for v in extras.values()))
@@ -340,18 +345,20 @@ class OnnxDetector:
             out = self._nms(out)
         labels = out['labels'].astype(np.int64)
         return {'bboxes': rescale_boxes(out['boxes'], scale), 'scores': out['scores'], 'labels': labels,
-                'class_names': [self.class_names[j] for j in labels] if self.class_names else None}
+                'class_names': [self.class_names[j] for j in labels] if self.class_names else None,
+                **({'embeddings': out['embeddings']} if 'embeddings' in out else {})}
 
     def _nms(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Class-aware NMS and max_per_img for a graph exported without them (one image)."""
         t = {k: torch.from_numpy(v) for k, v in out.items()}
         keep = torch.ones(1, t['scores'].shape[0], dtype=torch.bool)
-        priors = torch.zeros_like(t['labels'])[None]  # not used here
-        kept = batched_class_nms(t['boxes'][None], t['scores'][None], t['labels'][None], priors, keep,
+        rows = torch.arange(len(t['scores']))[None]  # through NMS as 'prior_idx': the kept rows
+        kept = batched_class_nms(t['boxes'][None], t['scores'][None], t['labels'][None], rows, keep,
                                  self.meta['num_classes'], self.meta['iou_threshold'],
                                  self.meta['max_per_img'])[0]
+        extra = {k: v[kept['prior_idx'].numpy()] for k, v in out.items() if k not in OUTPUTS}
         return {'boxes': kept['bboxes'].numpy(), 'scores': kept['scores'].numpy(),
-                'labels': kept['labels'].numpy()}
+                'labels': kept['labels'].numpy(), **extra}
 
 
 def torch_detect(model: nn.Module, image_rgb: np.ndarray) -> dict[str, Tensor]:

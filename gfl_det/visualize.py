@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 __all__ = ['color', 'text_color', 'contrast_ratio', 'luminance', 'place_labels', 'draw_boxes',
-           'draw_detections', 'save_image', 'BAD_COLOR']
+           'draw_detections', 'contact_sheet', 'save_image', 'BAD_COLOR']
 
 RGB = tuple[int, int, int]
 Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 (inclusive-exclusive), pixels
@@ -151,18 +151,40 @@ def _numpy(x) -> np.ndarray:
 
 
 def draw_detections(image: np.ndarray, result: dict, class_names: Optional[Sequence[str]] = None,
-                    score_thr: float = 0.3, thickness: int = 2) -> np.ndarray:
+                    score_thr: float = 0.3, thickness: int = 2,
+                    texts: Optional[Sequence[str]] = None) -> np.ndarray:
     """A copy of the RGB uint8 ``image`` with the boxes of ``result`` (an
     :func:`gfl_det.apis.inference_detector` dict, or a model prediction) scoring at least
-    ``score_thr``, each labelled ``'name 0.87'``; higher scores on top and labelled first."""
+    ``score_thr``, each labelled ``'name 0.87'`` -- or ``texts[i]`` for detection i where given
+    (e.g. the identity a gallery gives it); higher scores on top and labelled first."""
     boxes = _numpy(result['bboxes']).reshape(-1, 4)
     scores = _numpy(result['scores']).reshape(-1)
     labels = _numpy(result['labels']).reshape(-1).astype(np.int64)
     order = [i for i in np.argsort(-scores, kind='stable') if scores[i] >= score_thr]
     names = [class_names[labels[i]] if class_names is not None and labels[i] < len(class_names)
              else str(labels[i]) for i in order]
-    texts = [f'{n} {scores[i]:.2f}' for n, i in zip(names, order)]
+    texts = [f'{n} {scores[i]:.2f}' if texts is None else texts[i] for n, i in zip(names, order)]
     return draw_boxes(image, boxes[order], texts, [color(labels[i]) for i in order], thickness)[0]
+
+
+def contact_sheet(tiles: Sequence[np.ndarray], captions: Sequence[str] = (), tile: int = 96,
+                  columns: int = 8) -> np.ndarray:
+    """RGB crops side by side on a grid (``columns`` wide), each fitted into a ``tile`` x ``tile``
+    cell keeping its aspect ratio, with its caption (if any) under it: one picture of a cluster."""
+    import cv2
+    rows = max(1, -(-len(tiles) // columns))
+    cap_h = 14 if captions else 0
+    sheet = np.full((rows * (tile + cap_h + 4) + 4, min(len(tiles), columns) * (tile + 4) + 4, 3), 255, np.uint8)
+    for n, crop in enumerate(tiles):
+        y, x = 4 + (n // columns) * (tile + cap_h + 4), 4 + (n % columns) * (tile + 4)
+        h, w = crop.shape[:2]
+        f = tile / max(h, w, 1)
+        small = cv2.resize(crop, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        sheet[y:y + small.shape[0], x:x + small.shape[1]] = small
+        if n < len(captions):
+            cv2.putText(sheet, str(captions[n])[:16], (x, y + tile + cap_h - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                        (0, 0, 0), 1, cv2.LINE_AA)
+    return sheet
 
 
 def save_image(path: Union[str, os.PathLike], image_rgb: np.ndarray) -> str:

@@ -6,13 +6,17 @@
         work_dirs/gfl_r18_synthetic/epoch_12.pth --score-thr 0.5
     python tools/demo.py traffic.mp4 configs/gfl_r50.py gfl_r50.pth --show-fps     # -> outputs/traffic.mp4
     python tools/demo.py data/synthetic/val --onnx gfl_r18.onnx                     # onnxruntime, no config
+    python tools/demo.py data/synthetic_reid/val configs/gfl_r18_synthetic_reid.py \
+        work_dirs/gfl_r18_synthetic_reid/epoch_12.pth --gallery gallery.pt            # who is who
 
 Each picture keeps its input's name (PNG/JPEG as the input; other formats are written as PNG); a
 video becomes ``OUT_DIR/<name>.mp4`` (mp4v). With ``--onnx`` the file exported by
 tools/export_onnx.py runs in onnxruntime (CPU, or CUDA with ``--device cuda`` and
 onnxruntime-gpu); class names and the resize come from the file. Folders and videos show a
 progress bar with ETA; files in a folder that are not images, or do not decode, are skipped,
-named and counted.
+named and counted. ``--gallery G`` (a model with an embedding branch; tools/gallery.py enroll)
+labels every detection with its nearest enrolled identity and the distance, or ``unknown`` beyond
+the gallery's verification threshold.
 """
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument('--device', default=None, help="'cuda', 'cuda:1' or 'cpu' (default: cuda if "
                                                    'available)')
     p.add_argument('--score-thr', type=float, default=0.3, help='draw boxes scoring at least this')
+    p.add_argument('--gallery', default=None, metavar='G',
+                   help='a gallery from tools/gallery.py enroll: label each detection with its identity '
+                        "and distance ('unknown' beyond the gallery's threshold)")
     p.add_argument('--show-fps', action='store_true',
                    help='write the detector\'s frames per second (smoothed) in the top-left corner')
     add_inference_args(p)
@@ -59,7 +66,7 @@ def parse_args(argv=None):
 
 def check_paths(args) -> None:
     """Every input file exists -- checked before a model is loaded."""
-    need = [(args.inputs, 'input')]
+    need = [(args.inputs, 'input')] + ([(args.gallery, 'gallery')] if args.gallery else [])
     if args.onnx:
         need.append((args.onnx, 'ONNX file'))
     else:
@@ -104,7 +111,22 @@ class FpsMeter:
         return 1.0 / max(self.avg, 1e-9)
 
 
-def annotate(bgr, detect, names, args, fps: FpsMeter | None = None):
+def identity_texts(res: dict, gallery) -> list[str] | None:
+    """'name 0.42' (or 'unknown 1.10'): each detection's identity and distance from the gallery."""
+    if gallery is None:
+        return None
+    if 'embeddings' not in res:
+        raise SystemExit('error: --gallery needs a model with an embedding branch (model.bbox_head.embed); '
+                         'this one outputs no embeddings')
+    from gfl_det.gallery import GalleryError
+    try:
+        who, dist = gallery.identify(res['embeddings'])
+    except GalleryError as e:
+        raise SystemExit(f'error: --gallery: {e}')
+    return [f'{w} {d:.2f}' for w, d in zip(who, dist)]
+
+
+def annotate(bgr, detect, names, args, fps: FpsMeter | None = None, gallery=None):
     """(drawn RGB picture, detections kept) for one BGR frame."""
     import cv2
 
@@ -113,7 +135,7 @@ def annotate(bgr, detect, names, args, fps: FpsMeter | None = None):
     res = detect(bgr)
     rate = fps.add(time.perf_counter() - t) if fps else None
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    drawn = draw_detections(rgb, res, names, args.score_thr)
+    drawn = draw_detections(rgb, res, names, args.score_thr, texts=identity_texts(res, gallery))
     if rate is not None:
         text = f'{rate:.1f} fps'
         cv2.putText(drawn, text, (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 4, cv2.LINE_AA)
@@ -121,7 +143,7 @@ def annotate(bgr, detect, names, args, fps: FpsMeter | None = None):
     return drawn, int((res['scores'] >= args.score_thr).sum())
 
 
-def run_images(paths: list[str], detect, names, args) -> int:
+def run_images(paths: list[str], detect, names, args, gallery=None) -> int:
     """Pictures for image files; undecodable or non-image files are skipped and listed."""
     import numpy as np
     from tqdm import tqdm
@@ -140,7 +162,7 @@ def run_images(paths: list[str], detect, names, args) -> int:
         except BadImageError as e:
             skipped.append(f'{path} ({e.reason.replace("_", " ")})')
             continue
-        drawn, kept = annotate(np.ascontiguousarray(rgb[..., ::-1]), detect, names, args, fps)
+        drawn, kept = annotate(np.ascontiguousarray(rgb[..., ::-1]), detect, names, args, fps, gallery)
         name = osp.basename(path)
         if not name.lower().endswith(('.png', '.jpg', '.jpeg')):
             name = osp.splitext(name)[0] + '.png'
@@ -155,7 +177,7 @@ def run_images(paths: list[str], detect, names, args) -> int:
     return 0 if done else 1
 
 
-def run_video(path: str, detect, names, args) -> int:
+def run_video(path: str, detect, names, args, gallery=None) -> int:
     """An annotated copy of a video (mp4v), frame by frame, with a progress bar."""
     import cv2
     from tqdm import tqdm
@@ -173,7 +195,7 @@ def run_video(path: str, detect, names, args) -> int:
             ok, frame = cap.read()
             if not ok:
                 break
-            drawn, _ = annotate(frame, detect, names, args, fps)
+            drawn, _ = annotate(frame, detect, names, args, fps, gallery)
             if writer is None:
                 h, w = drawn.shape[:2]
                 writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*'mp4v'), fps_in, (w, h))
@@ -209,10 +231,18 @@ def main(argv=None) -> int:
     inputs = list_inputs(args.inputs)
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
+    gallery = None
+    if args.gallery:
+        from gfl_det.gallery import Gallery, GalleryError
+        try:
+            gallery = Gallery.load(args.gallery)
+        except GalleryError as e:
+            raise SystemExit(f'error: {e}')
+        print(f'gallery {args.gallery}: {gallery.describe()}')
     detect, names = build_detector(args)
     if args.inputs.lower().endswith(VIDEO_EXTS) and osp.isfile(args.inputs):
-        return run_video(args.inputs, detect, names, args)
-    return run_images(inputs, detect, names, args)
+        return run_video(args.inputs, detect, names, args, gallery)
+    return run_images(inputs, detect, names, args, gallery)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""COCO bbox evaluation of a checkpoint (pycocotools): the 12 COCO numbers and a per-class table.
+"""COCO bbox evaluation of a checkpoint (pycocotools): the 12 COCO numbers and a per-class table
+(and, for a model with an embedding branch and a config listing ``ReIDMetric``, the ``reid/``
+metrics: R@1..8, MAP@R, NMI, F1, verification, one-shot accuracy; two-view matching on a
+``MultiViewDataset``).
 
     python tools/test.py configs/gfl_r18_synthetic.py work_dirs/gfl_r18_synthetic/epoch_12.pth
     python tools/test.py configs/gfl_r50.py gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth \
@@ -70,7 +73,10 @@ def setup_cfg(args) -> Config:
     if args.out:
         if not args.out.endswith('.json'):
             raise SystemExit('--out must name a .json file (COCO results format)')
-        cfg.test_evaluator.outfile = args.out
+        metrics = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
+        for m in metrics:  # a list: the CocoMetric beside others (ReIDMetric)
+            if m.get('type', 'CocoMetric') == 'CocoMetric':
+                m.outfile = args.out
     if args.show_dir:
         hooks = list(cfg.get('custom_hooks') or [])
         hooks.append(dict(type='DrawPredictionsHook', out_dir=args.show_dir,

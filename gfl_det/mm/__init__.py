@@ -21,6 +21,8 @@ config ``type=``            what it builds
 ``'Resize'``, ``'RandomResize'``, ``'RandomFlip'``, ``'PhotoMetricDistortion'``,
 ``'LoadImageFromFile'``, ``'LoadAnnotations'``, ``'PackDetInputs'``: pipeline steps
 ``'CocoMetric'``            :class:`CocoMetric` -- pycocotools through :mod:`gfl_det.evaluation`
+``'ReIDMetric'``            :class:`ReIDMetric` -- ``reid/`` metrics of the embedding branch
+``'MultiViewDataset'``      :class:`gfl_det.data.MultiViewDataset` -- views x images per batch
 ``'OptimWrapper'``,         mmengine's, with the gradient norm kept on the device until logged;
 ``'AmpOptimWrapper'``       AMP that also runs on the CPU (bfloat16)
 ``'DeferredRuntimeInfoHook'``  mmengine's RuntimeInfoHook with one host sync per log interval
@@ -33,18 +35,19 @@ One module per concern: ``registry`` (the registries), ``model`` (detector + dat
 ``data`` (pipeline steps, datasets, sampler, collate), ``metric`` (COCO mAP), ``optim``
 (optimizer wrappers, non-finite guard), ``hooks``, ``runner`` (checkpoint policy: see there).
 """
-from . import data, hooks, metric, model, optim, registry, runner  # noqa: F401 (registers)
+from . import data, hooks, metric, model, optim, registry, reid_metric, runner  # noqa: F401 (registers)
 from .data import CocoDetDataset, SyntheticCocoDataset, build_pipeline
 from .hooks import DataReportHook, DeferredRuntimeInfoHook, DrawPredictionsHook, ValRandomStateHook
 from .metric import CocoMetric
 from .model import GFLDataPreprocessor, GFLDetector
 from .optim import AmpOptimWrapper, OptimWrapper
+from .reid_metric import ReIDMetric
 from .registry import (DATA_SAMPLERS, DATASETS, FUNCTIONS, HOOKS, METRICS, MODELS, OPTIM_WRAPPERS, RUNNERS,
                        SCOPE, TRANSFORMS, register_all_modules)
 from .runner import GFLRunner, MemoConfig, decode_message_hub, encode_message_hub
 
 __all__ = ['SCOPE', 'MODELS', 'DATASETS', 'DATA_SAMPLERS', 'TRANSFORMS', 'FUNCTIONS', 'METRICS', 'HOOKS',
            'OPTIM_WRAPPERS', 'RUNNERS', 'register_all_modules', 'GFLDetector', 'GFLDataPreprocessor',
-           'CocoDetDataset', 'SyntheticCocoDataset', 'build_pipeline', 'CocoMetric', 'OptimWrapper',
+           'CocoDetDataset', 'SyntheticCocoDataset', 'build_pipeline', 'CocoMetric', 'ReIDMetric', 'OptimWrapper',
            'AmpOptimWrapper', 'DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook',
            'DataReportHook', 'GFLRunner', 'MemoConfig', 'encode_message_hub', 'decode_message_hub']

@@ -88,7 +88,8 @@ class GFLDetector(GFL, BaseModel):
     def forward(self, inputs: Tensor, data_samples: dict | list | None = None,
                 mode: str = 'tensor') -> Any:
         """``mode='loss'``: dict of losses; ``'predict'``: list over images of
-        ``dict(bboxes (k, 4) xyxy in original-image pixels, scores, labels, prior_idx, img_id)``;
+        ``dict(bboxes (k, 4) xyxy in original-image pixels, scores, labels, prior_idx, img_id)``
+        (and ``embeddings`` (k, D) with an embedding branch);
         ``'tensor'``: the :class:`gfl_det.structures.HeadOutputs`.
 
         ``data_samples`` is what :class:`GFLDataPreprocessor` returns (``metas`` plus the
@@ -114,8 +115,9 @@ class GFLDetector(GFL, BaseModel):
             for p, m in zip(preds, metas):
                 p['img_id'] = m['img_id']
                 if m.get('load_failed'):  # the dataset's stand-in for an unreadable image
-                    for k in ('bboxes', 'scores', 'labels', 'prior_idx'):
-                        p[k] = p[k][:0]
+                    for k in ('bboxes', 'scores', 'labels', 'prior_idx', 'embeddings'):
+                        if k in p:
+                            p[k] = p[k][:0]
                     p['load_failed'] = m['load_failed']
                     p['file_name'] = m.get('file_name')
             return preds

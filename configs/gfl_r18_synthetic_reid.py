@@ -1,5 +1,5 @@
 # Detect and identify: the default CPU job (configs/gfl_r18_synthetic.py) with the embedding branch,
-# on the synthetic shapes set with identities (each object one of 40 training identities; the 20
+# on the synthetic shapes set with identities (each object one of 100 training identities; the 20
 # identities of the val split are never seen in training: one-shot recognition of new ones).
 #   python tools/train.py configs/gfl_r18_synthetic_reid.py
 # Validation logs COCO mAP and the reid/ metrics (R@1, MAP@R, one-shot accuracy, ...) over the
@@ -14,7 +14,10 @@ model = dict(bbox_head=dict(embed=dict(
     loss=dict(type='triplet', mining='facenet', margin=0.2, synthesis='symmetrical'),
     loss_weight=1.0, max_per_gt=4)))
 
-train_dataloader = dict(dataset=dict(data_root=data_root, synthetic=synthetic, identities='instance_id'))
+# batches of images that share identities: groups of 4 images with one identity in common (P x K
+# sampling; random batches rarely hold one identity twice among 100)
+train_dataloader = dict(batch_sampler=dict(_delete_=True, type='IdentityBatchSampler', images_per_identity=4),
+                        dataset=dict(data_root=data_root, synthetic=synthetic, identities='instance_id'))
 val_dataloader = dict(dataset=dict(data_root=data_root, synthetic=synthetic, identities='instance_id'))
 test_dataloader = val_dataloader
 val_evaluator = [dict(type='CocoMetric', ann_file=data_root + 'annotations/instances_val.json'),

@@ -117,3 +117,19 @@ def test_synthetic_identities_are_disjoint_distinct_and_the_default_set_unchange
     default = make_synthetic_coco(tmp_path / 'd', num_train=2, num_val=1, seed=0)
     anns = json.load(open(default['train_ann']))
     assert 'instance_id' not in anns['annotations'][0] and 'identities' not in anns['info']
+
+
+def test_identity_batches_use_every_image_once_and_group_shared_identities(reid):
+    from torch.utils.data import SequentialSampler
+
+    from gfl_det.data import IdentityBatchSampler
+    ds = CocoDataset(reid['train_ann'], reid['train_img_dir'], identities='instance_id')
+    sampler = IdentityBatchSampler(SequentialSampler(ds), batch_size=4, images_per_identity=2)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == -(-len(ds) // 4)
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    ids = [set(ds.get_ann_info(i)['ids'].tolist()) for i in range(len(ds))]
+    shared = sum(bool(ids[b[j]] & ids[b[j + 1]]) for b in batches for j in range(0, len(b) - 1, 2))
+    assert shared >= len(ds) // 2 - 2  # (almost) every pair of images side by side shares an identity
+    with pytest.raises(ValueError, match='needs a dataset with identities'):
+        IdentityBatchSampler(SequentialSampler(CocoDataset(reid['train_ann'], reid['train_img_dir'])), 4)

@@ -15,6 +15,7 @@ See the contract in each module's docstring; the main entry points:
 
 from .coco import CocoDataset, to_sample
 from .identity import IdentityError
+from .identity_sampler import IdentityBatchSampler
 from .collate import collate
 from .loader import AspectRatioBatchSampler, build_dataloader, worker_init_fn
 from .synthetic import make_synthetic_coco
@@ -29,4 +30,4 @@ __all__ = ['CocoDataset', 'to_sample', 'collate', 'AspectRatioBatchSampler', 'bu
            'worker_init_fn', 'make_synthetic_coco', 'Compose', 'KeepRatioResize',
            'PhotoMetricDistortion', 'RandomFlip', 'build_transforms', 'rescale_size',
            'BadImageError', 'DatasetError', 'SkipReport', 'load_image',
-           'voc_to_coco', 'yolo_to_coco', 'IdentityError', 'MultiViewDataset']
+           'voc_to_coco', 'yolo_to_coco', 'IdentityError', 'IdentityBatchSampler', 'MultiViewDataset']

@@ -96,6 +96,7 @@ FUNCTIONS.register_module(name='gfl_collate', module=gdata.collate)
 
 
 DATA_SAMPLERS.register_module(name='AspectRatioBatchSampler', module=gdata.AspectRatioBatchSampler)
+DATA_SAMPLERS.register_module(name='IdentityBatchSampler', module=gdata.IdentityBatchSampler)
 
 
 @DATASETS.register_module(name='CocoDataset')

@@ -25,9 +25,10 @@ import torch
 from . import data as gdata
 
 __all__ = ['init_detector', 'inference_detector', 'build_test_transforms', 'optimize_for_inference',
-           'add_inference_args']
+           'add_inference_args', 'read_images', 'IMAGE_EXTS']
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def _load_config(config: Any, cfg_options: Optional[dict] = None):
@@ -182,6 +183,20 @@ def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False
                                f'compile={compile}, winograd={winograd}')
 
     return OptimizeForInferenceHook()
+
+
+def read_images(paths: Sequence[str]):
+    """For each path (path, RGB uint8 image, None), or (path, None, why not): 'not an image file'
+    (by extension), or the decoding problem ('corrupt image', 'missing image'). What the tools
+    that walk a folder skip, name and count instead of stopping."""
+    for path in paths:
+        if not str(path).lower().endswith(IMAGE_EXTS):
+            yield path, None, 'not an image file'
+            continue
+        try:
+            yield path, gdata.load_image(path), None
+        except gdata.BadImageError as e:
+            yield path, None, e.reason.replace('_', ' ')
 
 
 def _as_rgb(img: ImageLike, channel_order: str) -> tuple[np.ndarray, str]:

@@ -23,8 +23,6 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='cluster the detections of a folder by their embeddings')
@@ -52,17 +50,11 @@ def detect_folder(model, paths: list[str], score_thr: float):
     import numpy as np
     from tqdm import tqdm
 
-    from gfl_det.apis import inference_detector
-    from gfl_det.data import BadImageError, load_image
+    from gfl_det.apis import inference_detector, read_images
     records, emb, crops, skipped = [], [], [], []
-    for path in tqdm(paths, unit='img', dynamic_ncols=True, disable=len(paths) < 2):
-        if not path.lower().endswith(IMAGE_EXTS):
-            skipped.append(f'{path} (not an image file)')
-            continue
-        try:
-            rgb = load_image(path)
-        except BadImageError as e:
-            skipped.append(f'{path} ({e.reason.replace("_", " ")})')
+    for path, rgb, problem in read_images(tqdm(paths, unit='img', dynamic_ncols=True, disable=len(paths) < 2)):
+        if problem:
+            skipped.append(f'{path} ({problem})')
             continue
         res = inference_detector(model, rgb, channel_order='rgb')
         if 'embeddings' not in res:

@@ -28,9 +28,8 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from gfl_det.apis import add_inference_args, parse_inference_args  # noqa: E402
+from gfl_det.apis import IMAGE_EXTS, add_inference_args, parse_inference_args  # noqa: E402
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 VIDEO_EXTS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
 
 
@@ -148,19 +147,14 @@ def run_images(paths: list[str], detect, names, args, gallery=None) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from gfl_det.data import BadImageError, load_image
+    from gfl_det.apis import read_images
     from gfl_det.visualize import save_image
     skipped, done = [], 0
     fps = FpsMeter() if args.show_fps else None
     bar = tqdm(paths, unit='img', disable=len(paths) == 1, dynamic_ncols=True)
-    for path in bar:
-        if not path.lower().endswith(IMAGE_EXTS):
-            skipped.append(f'{path} (not an image file)')
-            continue
-        try:
-            rgb = load_image(path)
-        except BadImageError as e:
-            skipped.append(f'{path} ({e.reason.replace("_", " ")})')
+    for path, rgb, problem in read_images(bar):
+        if problem:
+            skipped.append(f'{path} ({problem})')
             continue
         drawn, kept = annotate(np.ascontiguousarray(rgb[..., ::-1]), detect, names, args, fps, gallery)
         name = osp.basename(path)

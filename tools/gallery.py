@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+from gfl_det.apis import IMAGE_EXTS  # noqa: E402
 
 
 def parse_args(argv=None):

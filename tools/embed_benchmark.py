@@ -39,12 +39,17 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
     p.add_argument('--json', action='store_true', help='print one JSON line')
+    from mmengine.config import DictAction
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='config overrides, e.g. '
+                   'model.bbox_head.embed.feat_channels=32')
     return p.parse_args(argv)
 
 
-def models(config: str, device: str):
+def models(config: str, device: str, options: dict | None = None):
     from mmengine.config import Config
-    cfg = Config.fromfile(config).model.to_dict()
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(options or {})
+    cfg = cfg.model.to_dict()
     cfg.pop('data_preprocessor', None)
     cfg['backbone'] = dict(cfg['backbone'], init_cfg=None)
     if not cfg['bbox_head'].get('embed'):
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    nets = models(args.config, args.device)
+    nets = models(args.config, args.device, args.cfg_options)
     x, targets, metas = random_batch(args.batch, *args.shape, args.num_gt, nets['with'].num_classes, args.device)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
     for m in nets.values():

@@ -24,6 +24,8 @@ config ``type=``            what it builds
 ``'OptimWrapper'``,         mmengine's, with the gradient norm kept on the device until logged;
 ``'AmpOptimWrapper'``       AMP that also runs on the CPU (bfloat16)
 ``'DeferredRuntimeInfoHook'``  mmengine's RuntimeInfoHook with one host sync per log interval
+``'LoggerHook'``            :class:`ProgressLoggerHook` -- mmengine's, with ``interval='auto'``
+                            (follows the epoch length) and progress lines from the first iterations
 ``'DrawPredictionsHook'``   writes pictures of the predictions (``tools/test.py --show-dir``)
 ``'GFLRunner'``             :class:`GFLRunner` -- atomic, weights-only-safe checkpoints; trusted
                             resume, untrusted ``load_from``
@@ -31,10 +33,12 @@ config ``type=``            what it builds
 
 One module per concern: ``registry`` (the registries), ``model`` (detector + data preprocessor),
 ``data`` (pipeline steps, datasets, sampler, collate), ``metric`` (COCO mAP), ``optim``
-(optimizer wrappers, non-finite guard), ``hooks``, ``runner`` (checkpoint policy: see there).
+(optimizer wrappers, non-finite guard), ``hooks``, ``console`` (what the console shows, the
+logger hook), ``runner`` (checkpoint policy: see there).
 """
-from . import data, hooks, metric, model, optim, registry, runner  # noqa: F401 (registers)
+from . import console, data, hooks, metric, model, optim, registry, runner  # noqa: F401 (registers)
 from .data import CocoDetDataset, SyntheticCocoDataset, build_pipeline
+from .console import ProgressLoggerHook
 from .hooks import DataReportHook, DeferredRuntimeInfoHook, DrawPredictionsHook, ValRandomStateHook
 from .metric import CocoMetric
 from .model import GFLDataPreprocessor, GFLDetector
@@ -47,4 +51,4 @@ __all__ = ['SCOPE', 'MODELS', 'DATASETS', 'DATA_SAMPLERS', 'TRANSFORMS', 'FUNCTI
            'OPTIM_WRAPPERS', 'RUNNERS', 'register_all_modules', 'GFLDetector', 'GFLDataPreprocessor',
            'CocoDetDataset', 'SyntheticCocoDataset', 'build_pipeline', 'CocoMetric', 'OptimWrapper',
            'AmpOptimWrapper', 'DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook',
-           'DataReportHook', 'GFLRunner', 'MemoConfig', 'encode_message_hub', 'decode_message_hub']
+           'DataReportHook', 'ProgressLoggerHook', 'GFLRunner', 'MemoConfig', 'encode_message_hub', 'decode_message_hub']

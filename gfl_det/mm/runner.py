@@ -38,6 +38,7 @@ from mmengine.utils import apply_to
 from ..checkpoint import atomic_save, load_trusted, load_untrusted, load_weights
 from ..resume import capture_rng_state, find_latest_checkpoint, remove_partial_saves, restore_rng_state
 from ..guard import NonFiniteGuard, NonFiniteLossError
+from .console import log_startup_failure, quiet_console
 from .hooks import DataReportHook, ValRandomStateHook
 from .registry import FUNCTIONS, RUNNERS
 
@@ -133,7 +134,11 @@ class GFLRunner(Runner):
     def __init__(self, *args: Any, cfg: Optional[Union[Config, dict]] = None, **kwargs: Any):
         if isinstance(cfg, dict) and not isinstance(cfg, Config):
             cfg = Config(cfg)
-        super().__init__(*args, cfg=None if cfg is None else MemoConfig.of(cfg), **kwargs)
+        try:
+            super().__init__(*args, cfg=None if cfg is None else MemoConfig.of(cfg), **kwargs)
+        except BaseException as e:  # a failed start: its reason goes into the run's log file
+            log_startup_failure(self, e)
+            raise
 
     # ------------------------------------------------------------------ hooks, train
     def register_hooks(self, default_hooks: Optional[dict] = None,
@@ -184,7 +189,9 @@ class GFLRunner(Runner):
                    or MessageHub.check_instance_created(f'{base}_{i}')):
                 i += 1
             self._experiment_name = f'{base}_{i}'
-        return super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
+        logger = super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
+        quiet_console(logger)  # environment, config and hook order: to the log file only
+        return logger
 
     # ------------------------------------------------------------------ CPU multi-process
     def setup_env(self, env_cfg: dict) -> None:

@@ -193,16 +193,15 @@ class GFLCriterion(nn.Module):
         QFL target) and the box terms' weight w = max_c sigmoid(cls logit), at positives."""
         R = self.reg_max
         reg = flatten_reg(outputs.reg, R).float()  # (B, A, 4, R+1)
-        stride = t.priors.strides[:, None]  # (A, 1)
-        centres = t.priors.points / stride  # (A, 2)
+        centres = t.priors.centres  # (A, 2) prior points / stride
         pred = distance2bbox(centres, integral(reg))  # (B, A, 4)
         # negatives get a finite stand-in target (a 2x2 box at the prior) so that their masked-out
         # GIoU / DFL never produce NaN, whose gradient would leak through the mask
         stand_in = torch.cat([centres - 1, centres + 1], -1)  # (A, 4)
-        tgt = torch.where(t.pos[..., None], t.boxes / stride, stand_in)  # (B, A, 4)
+        tgt = torch.where(t.pos[..., None], t.boxes / t.priors.strides[:, None], stand_in)  # (B, A, 4)
         with torch.no_grad():
-            quality = torch.where(t.pos, aligned_iou(pred.detach(), tgt), 0.0)  # (B, A)
-            best_logit = torch.cat([c.detach().float().amax(1).flatten(1) for c in outputs.cls], 1)  # (B, A)
+            quality = torch.where(t.pos, aligned_iou(pred, tgt), 0.0)  # (B, A)
+            best_logit = flatten_cls(outputs.cls).amax(-1).float()  # (B, A)
             weight = torch.where(t.pos, best_logit.sigmoid(), 0.0)  # (B, A)
         return Positives(reg, pred, tgt, centres, quality, weight)
 
@@ -213,8 +212,9 @@ class GFLCriterion(nn.Module):
             loss_cls = fused_qfl_sum(outputs.cls, t.valid, t.labels, p.quality)
         else:
             cls = flatten_cls(outputs.cls).float()  # (B, A, C)
-            score = F.one_hot(t.labels, self.num_classes + 1)[..., :-1] * p.quality[..., None]  # (B, A, C)
-            loss_cls = (quality_focal_loss(cls, score, self.beta).sum(-1) * t.valid).sum()
+            classes = torch.arange(self.num_classes, device=cls.device)
+            score = torch.where(t.labels[..., None] == classes, p.quality[..., None], 0.0)  # (B, A, C)
+            loss_cls = (quality_focal_loss(cls, score, self.beta) * t.valid[..., None]).sum()
         giou = giou_loss(p.pred_boxes, p.target_boxes, eps=self.giou_eps)  # (B, A)
         edges = bbox2distance(p.centres, p.target_boxes, self.reg_max, eps=0.1)  # (B, A, 4) in [0, R)
         dfl = distribution_focal_loss(p.reg, edges).sum(-1)  # (B, A) over the 4 edges

@@ -22,12 +22,13 @@ from .priors import Priors
 
 
 def flatten_cls(cls_scores: list[Tensor]) -> Tensor:
-    """[(B, C, H_l, W_l)] -> (B, A, C) (a transposed view of one concatenation)."""
-    return torch.cat([c.flatten(2) for c in cls_scores], 2).transpose(1, 2)
+    """[(B, C, H_l, W_l)] -> (B, A, C) (one concatenation, transposed into a contiguous tensor)."""
+    return torch.cat([c.flatten(2) for c in cls_scores], 2).transpose(1, 2).contiguous()
 
 
 def flatten_reg(bbox_preds: list[Tensor], reg_max: int) -> Tensor:
-    """[(B, 4(R+1), H_l, W_l)] -> (B, A, 4, R + 1) (a permuted view of one concatenation)."""
+    """[(B, 4(R+1), H_l, W_l)] -> (B, A, 4, R + 1): a permuted view of one concatenation (index it,
+    or make it contiguous before elementwise work: its last dimension has stride A)."""
     return torch.cat([r.flatten(2) for r in bbox_preds], 2).unflatten(1, (4, reg_max + 1)).permute(0, 3, 1, 2)
 
 
@@ -56,7 +57,7 @@ def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], priors: Prio
     """
     B, C = cls_scores[0].shape[:2]
     R = bbox_preds[0].shape[1] // 4 - 1
-    scores = flatten_cls(cls_scores).float().sigmoid().contiguous()  # (B, A, C)
+    scores = flatten_cls(cls_scores).float().sigmoid()  # (B, A, C)
     # per level (mmdet's nms_pre is per level) the best (prior, class) pairs, best first
     tops, flat, start = [], [], 0
     for n in priors.num_level:
@@ -84,10 +85,9 @@ def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Ten
     """One NMS call for the whole batch: per (image, class) groups via an exact float64 offset.
     boxes (B, N, 4), scores / labels / priors / keep (B, N)."""
     B, N = scores.shape
-    img = torch.arange(B, device=boxes.device)[:, None].expand(B, N)
     sel = keep.flatten().nonzero().squeeze(1)  # the one host sync of post-processing
-    b, s, l, im = boxes.reshape(-1, 4)[sel], scores.flatten()[sel], labels.flatten()[sel], img.flatten()[sel]
-    p = priors.flatten()[sel]
+    b, s, l, p = boxes.reshape(-1, 4)[sel], scores.flatten()[sel], labels.flatten()[sel], priors.flatten()[sel]
+    im = sel // N  # each candidate's image
     if sel.numel():
         bd = b.double()
         group = (im * num_classes + l).double()

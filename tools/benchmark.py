@@ -71,6 +71,11 @@ def parse_args(argv=None):
                         "training step (forward, loss, backward, optimizer step), per loss call (forward + backward) "
                         "or per inference call (forward + post-processing); --json adds ops_per_iter, view_ops_per_iter "
                         "(those only making a view: no kernel) and ops_top")
+    p.add_argument("--sync-check", action="store_true",
+                   help="CUDA: after the timed iterations, run one more training step / loss call / inference forward "
+                        "(without post-processing, whose NMS needs one sync) under torch.cuda.set_sync_debug_mode"
+                        "('error'): any host synchronisation inside raises; --json adds sync_free and, if not, "
+                        "sync_error and sync_at (where it happened)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
 
@@ -234,6 +239,11 @@ def run(args) -> dict:
             losses = model.criterion(out, targets, metas)
             sum(losses.values()).backward()
 
+    @torch.no_grad()
+    def forward():  # the inference forward without post-processing (--sync-check of --task infer)
+        with autocast():
+            return model(model.preprocess(images, metas))
+
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -261,9 +271,34 @@ def run(args) -> dict:
         res["ops_per_iter"] = counter.total
         res["view_ops_per_iter"] = counter.views
         res["ops_top"] = dict(counter.counts.most_common(12))
+    if args.sync_check:
+        res.update(sync_check(step if args.task != "infer" else forward, device, args.task))
     if args.task == "infer":
         res["num_dets"] = [len(p["bboxes"]) for p in step()]
     return res
+
+
+def sync_check(fn, device: torch.device, task: str) -> dict:
+    """Runs ``fn`` once under ``torch.cuda.set_sync_debug_mode('error')``: a host synchronisation
+    inside (``.item()``, ``nonzero``, a copy from pageable memory, ...) raises. Returns
+    ``sync_free`` and, on a sync, the error and the innermost frame of this project's code."""
+    import traceback
+    if device.type != "cuda":
+        raise SystemExit("error: --sync-check needs a CUDA device (torch.cuda.set_sync_debug_mode)")
+    what = {"train": "training step", "loss": "loss call", "infer": "inference forward"}[task]
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        out = dict(sync_checked=what, sync_free=True)
+    except RuntimeError as e:
+        ours = [f for f in traceback.extract_tb(e.__traceback__) if "/gfl_det/" in f.filename or "/tools/" in f.filename]
+        where = f"{ours[-1].filename}:{ours[-1].lineno} {ours[-1].line}" if ours else None
+        out = dict(sync_checked=what, sync_free=False, sync_error=str(e)[:300], sync_at=where)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize(device)
+    return out
 
 
 def main(argv=None):
@@ -279,6 +314,9 @@ def main(argv=None):
         print(f"  median {res['median_s']:.4f} s/iter  (min {res['min_s']:.4f}, max {res['max_s']:.4f}, "
               f"{res['iters']} iters after {args.warmup} warm-up)")
         print(f"  {res['images_per_s']:.2f} images/s, peak memory {res['peak_mem_mb']:.0f} MB")
+        if "sync_free" in res:
+            print(f"  {res['sync_checked']}: " + ("no host synchronisation" if res["sync_free"] else
+                                                   f"host synchronisation at {res['sync_at']}: {res['sync_error']}"))
         if "ops_per_iter" in res:
             what = {"train": "training step (forward, loss, backward, SGD step)", "loss": "loss call (forward + backward)",
                     "infer": "inference call (forward + post-processing)"}[res["task"]]

@@ -110,6 +110,12 @@ def auto_interval(iters_per_epoch: int) -> int:
     return min(50, max(1, int(iters_per_epoch) // 5))
 
 
+def _short(path: str) -> str:
+    """``path`` relative to the current folder when it lies inside it, else as it is."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith('..') else rel
+
+
 def _device(runner) -> str:
     model = getattr(runner.model, 'module', runner.model)
     try:
@@ -139,15 +145,15 @@ def header(runner, mode: str, log_interval: Optional[int] = None) -> str:
     cfg_file = getattr(runner.cfg, 'filename', None) or '(config object)'
     log_files = [h.baseFilename for h in file_handlers(runner.logger)]
     lines = [f'gfl_det {mode}: {cfg_file}',
-             f'  work dir: {runner.work_dir}',
-             f'  log file: {log_files[0] if log_files else "(none)"} (the environment, the full '
+             f'  work dir: {_short(runner.work_dir)}',
+             f'  log file: {_short(log_files[0]) if log_files else "(none)"} (the environment, the full '
              'config and the hook order are there)']
     if mode == 'train':
         loop = runner.train_loop
         loader = loop.dataloader
         bs = getattr(loader.batch_sampler, 'batch_size', None) or loader.batch_size
         data = f'{_data(loader, "train")} ({len(loader)} iterations of {bs} per epoch'
-        data += f' per process)' if runner.world_size > 1 else ')'
+        data += ' per process)' if runner.world_size > 1 else ')'
         if isinstance(runner._val_loop, BaseLoop):
             data += ', ' + _data(runner.val_dataloader, 'val')
         lines.append(f'  data: {data}')
@@ -241,6 +247,7 @@ def interrupted_message(work_dir: str, argv: list[str], checkpoint: Optional[str
                         where: str = '') -> str:
     """What a Ctrl-C tells the user: how to continue (``--resume``) and from which checkpoint."""
     cmd = ['python', 'tools/train.py'] + [a for a in argv if a != '--resume']
+    work_dir = os.path.normpath(work_dir)
     if not any(a == '--work-dir' or a.startswith('--work-dir=') for a in argv):
         cmd += ['--work-dir', work_dir]
     cmd.append('--resume')

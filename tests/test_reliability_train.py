@@ -147,7 +147,10 @@ def test_nan_loss_and_nan_gradient_steps_are_skipped_counted_and_named(tmp_path,
 
     # the count is part of the checkpoint (optimizer state), which still loads weights-only
     ckpt = load_untrusted(wd / 'epoch_2.pth')
-    assert ckpt['optimizer']['nonfinite_guard'] == {'skipped': 2, 'consecutive': 0}
+    guard_state = ckpt['optimizer']['nonfinite_guard']
+    assert (guard_state['skipped'], guard_state['consecutive'], guard_state['spike']) == (2, 0, None)
+    assert len(guard_state['grad_history']) == 6  # the 6 good steps' largest |gradient|
+    assert ckpt['meta']['clean'] is True
     assert 'rng_state' in ckpt
 
 

@@ -45,15 +45,16 @@ def parse_args(argv=None):
     p.add_argument('--show-fps', action='store_true',
                    help='write the detector\'s frames per second (smoothed) in the top-left corner')
     add_inference_args(p)
-    p.add_argument('--trust-checkpoint', action='store_true',
-                   help='the checkpoint is a full training checkpoint from a source you trust '
-                        '(unpickled with weights_only=False)')
+    p.add_argument('--trust-checkpoint', action='store_true', help=argparse.SUPPRESS)  # removed
     p.add_argument('--cfg-options', nargs='+', default=None, help='config overrides, key=value')
     args = parse_inference_args(p, argv)
     if args.onnx is None and (args.config is None or args.checkpoint is None):
         p.error('give CONFIG and CHECKPOINT, or --onnx FILE')
     if args.onnx is not None and args.config is not None:
         p.error('--onnx runs the exported file alone: leave out CONFIG and CHECKPOINT')
+    if args.trust_checkpoint:
+        from gfl_det.checkpoint import trust_flag_removed
+        p.error(trust_flag_removed(args.checkpoint))
     return args
 
 
@@ -88,7 +89,7 @@ def build_detector(args):
         DictAction(option_strings=[], dest='o')(None, ns, args.cfg_options)
         cfg_options = ns.o
     model = init_detector(args.config, args.checkpoint, device=device, cfg_options=cfg_options,
-                          trusted=args.trust_checkpoint, fuse_conv_bn=args.fuse_conv_bn,
+                          fuse_conv_bn=args.fuse_conv_bn,
                           compile=args.compile, channels_last=args.channels_last, winograd=args.winograd)
     return (lambda bgr: inference_detector(model, bgr, channel_order='bgr')), model.class_names
 
@@ -209,7 +210,12 @@ def main(argv=None) -> int:
     inputs = list_inputs(args.inputs)
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
-    detect, names = build_detector(args)
+    from gfl_det.checkpoint import CheckpointError
+    try:
+        detect, names = build_detector(args)
+    except CheckpointError as e:  # refused (holds Python objects), corrupt or does not fit
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     if args.inputs.lower().endswith(VIDEO_EXTS) and osp.isfile(args.inputs):
         return run_video(args.inputs, detect, names, args)
     return run_images(inputs, detect, names, args)

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .loader import sample_rng
 from .transforms import build_transforms
 from .validation import (BadImageError, DatasetError, SkipReport, check_image_file,
                          load_coco_json, load_image, validate_coco)
@@ -275,6 +276,11 @@ class CocoDataset(Dataset):
                          'scale_factor': (s / W, s / H), 'flip': False, 'load_failed': reason}}
 
     def __getitem__(self, idx: int) -> dict:
+        """Sample ``idx``; its random augmentation is drawn from ``sample_rng(idx)`` (from
+        (seed, epoch, index) when ``idx`` is a :class:`gfl_det.data.loader.SampleIndex`), and so
+        is the stand-in for a bad image in training."""
+        rng = sample_rng(idx)
+        idx = int(idx)
         if self.on_bad_image == 'skip' and self.test_mode:
             if idx in self._bad_idx:
                 return self.failed_sample(idx, self._bad_idx[idx])
@@ -287,13 +293,13 @@ class CocoDataset(Dataset):
                                'evaluation: %s', e)
                 return self.failed_sample(idx, e.reason)
             if self.transforms is not None:
-                results = self.transforms(results)
+                results = self.transforms(dict(results, rng=rng))
             return to_sample(results)
         replaced: list[tuple[str, str]] = []
         for _ in range(self.max_retries + 1):
             if idx in self._bad_idx:                      # known bad in this process
                 replaced.append((self._bad_idx[idx], str(self._names[idx])))
-                idx = self._other_index()
+                idx = self._other_index(rng)
                 continue
             try:
                 results = self.load_results(idx)
@@ -305,10 +311,10 @@ class CocoDataset(Dataset):
                                e)
                 self._bad_idx[idx] = e.reason
                 replaced.append((e.reason, name))
-                idx = self._other_index()
+                idx = self._other_index(rng)
                 continue
             if self.transforms is not None:
-                results = self.transforms(results)
+                results = self.transforms(dict(results, rng=rng))
             if replaced:
                 results['meta']['skipped'] = replaced
             return to_sample(results)
@@ -323,12 +329,13 @@ class CocoDataset(Dataset):
         self._load_failed.append(name)
         return name
 
-    def _other_index(self) -> int:
-        """A random index not known to be bad (numpy's per-worker seeded generator)."""
+    def _other_index(self, rng: np.random.Generator) -> int:
+        """A random index not known to be bad, drawn from the sample's generator: one draw per
+        candidate, so every process picks the same stand-in whichever bad images it has met."""
         if len(self._bad_idx) >= len(self):
             raise DatasetError(f'every image of {self.ann_file} failed to load ({self.skipped}); '
                                'fix: check img_dir, or run tools/check_dataset.py')
         while True:
-            j = int(np.random.randint(len(self)))
+            j = int(rng.integers(len(self)))
             if j not in self._bad_idx:
                 return j

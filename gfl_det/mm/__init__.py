@@ -17,6 +17,8 @@ config ``type=``            what it builds
                             data_prefix, filter_cfg, pipeline) -> :class:`gfl_det.data.CocoDataset`
 ``'SyntheticCocoDataset'``  the same, writing the synthetic shapes set first when it is missing
 ``'AspectRatioBatchSampler'``  :class:`gfl_det.data.AspectRatioBatchSampler` (equal batch counts on every rank)
+``'DefaultSampler'``,       mmengine's, yielding :class:`gfl_det.data.SampleIndex` (each sample's
+``'InfiniteSampler'``       augmentation drawn from (seed, epoch, index): exact with any workers)
 ``'gfl_collate'``           :func:`gfl_det.data.collate` (``collate_fn=dict(type='gfl_collate')``)
 ``'Resize'``, ``'RandomResize'``, ``'RandomFlip'``, ``'PhotoMetricDistortion'``,
 ``'LoadImageFromFile'``, ``'LoadAnnotations'``, ``'PackDetInputs'``: pipeline steps

@@ -121,7 +121,7 @@ def _local_checkpoint(filename: str) -> str:
 @RUNNERS.register_module()
 class GFLRunner(Runner):
     """mmengine's Runner with gfl_det's checkpoint policy (see the module docstring) and data
-    loader defaults (``pin_memory`` when CUDA is present)."""
+    loader defaults (``pin_memory`` when CUDA is present, a generator of the loader's own)."""
 
     _resuming = False
     _resumed_rng: Optional[dict] = None
@@ -209,6 +209,11 @@ class GFLRunner(Runner):
                 dataloader['pin_memory'] = torch.cuda.is_available()
             if not dataloader.get('num_workers', 0):
                 dataloader.pop('persistent_workers', None)  # DataLoader refuses it without workers
+            if 'generator' not in dataloader:
+                # the loader's own generator draws the workers' base seed, not torch's global
+                # one: persistent workers (one draw) and fresh ones (one per epoch) would
+                # otherwise leave the training process's generator in different states
+                dataloader['generator'] = torch.Generator().manual_seed(0 if seed is None else seed)
             collate = dataloader.get('collate_fn')
             if isinstance(collate, dict) and isinstance(collate.get('type'), str):
                 # mmengine looks collate functions up in its root registry only

@@ -320,3 +320,47 @@ def test_test_tool_with_a_model_that_detects_nothing_gives_ap_zero(trained):
     m = re.search(r'test: coco/bbox_mAP: ([\d.-]+)', log)
     assert m and float(m.group(1)) == 0.0, log[-3000:]
     assert 'coco/failed_images: 4.0000' in log
+
+
+def test_bad_image_with_raise_in_a_worker_is_one_clean_error(trained, capsys):
+    """on_bad_image='raise' with a DataLoader worker: the same one-line ``error:`` (exit 2)
+    as without workers, naming the file and the fix -- not torch's 'Caught BadImageError in
+    DataLoader worker process 0' with a traceback."""
+    ckpt = trained['work'] / 'epoch_2.pth'
+    rc = load_tool('test').main([str(trained['cfg']), str(ckpt), '--work-dir',
+                                 str(trained['work'] / 'test_raise_worker'), '--cfg-options',
+                                 'test_dataloader.num_workers=1',
+                                 'test_dataloader.persistent_workers=False',
+                                 'test_dataloader.dataset.on_bad_image=raise',
+                                 'test_dataloader.dataset.check_images=none'])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith('error: ')]
+    assert len(line) == 1, err[-3000:]
+    assert re.match(r'error: (missing image|corrupt image|size mismatch): \S+\.jpg .*fix: .*'
+                    r'\(in DataLoader worker process 0\)$', line[0]), line[0]
+    assert 'Traceback' not in err and 'Caught' not in err
+
+
+def test_training_console_names_each_problem_once(trained, tmp_path):
+    """tools/train.py with a worker process, as a user sees it (stdout + stderr): each bad
+    image replaced is named once (the iteration's warning; no bare line from the worker), the
+    load-time problems once per dataset, no libjpeg noise."""
+    import os
+    import subprocess
+    import sys
+
+    from test_engine_e2e import ROOT
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    p = subprocess.run([sys.executable, 'tools/train.py', str(trained['cfg']), '--work-dir',
+                        str(tmp_path / 'w'), '--cfg-options', 'train_cfg.max_epochs=1',
+                        'train_dataloader.num_workers=1', 'val_dataloader.num_workers=1'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert 'bad image skipped in training' not in out and 'image file(s) skipped' not in out
+    assert 'Premature end of JPEG' not in out
+    for name in ('corrupt.jpg', 'truncated.jpg', 'wrong_size.jpg'):
+        named = [x for x in out.splitlines() if name in x and 'replaced by other images' in x]
+        assert len(named) == 1, (name, named)
+    assert len(re.findall(r'^\[error\] nan_bbox: 1 \(box_nan\.jpg\)', out, re.M)) == 4, out[-5000:]

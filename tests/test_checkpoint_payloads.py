@@ -164,3 +164,16 @@ def test_convert_runs_the_file_only_with_trust(setup, capsys):
     assert 'any code it names runs' in capsys.readouterr().err
     ckpt = load_untrusted(out)
     assert ckpt['message_hub']['runtime_info']['x'] == 0  # os.system's return value: plain now
+
+
+def test_missing_files_are_named_before_anything_loads(setup, capsys):
+    missing = setup['tmp'] / 'nowhere' / 'epoch_1.pth'
+    with pytest.raises(SystemExit) as e:
+        load_tool('test').main([str(setup['cfg']), str(missing)])
+    assert e.value.code == 2 and f'checkpoint not found: {missing}' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        load_tool('train').main([str(setup['cfg']), '--resume', str(missing)])
+    assert e.value.code == 2 and f'--resume: checkpoint not found: {missing}' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        load_tool('train').main([str(setup['tmp'] / 'no_config.py')])
+    assert e.value.code == 2 and 'config not found' in capsys.readouterr().err

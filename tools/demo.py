@@ -11,8 +11,10 @@ Each picture keeps its input's name (PNG/JPEG as the input; other formats are wr
 video becomes ``OUT_DIR/<name>.mp4`` (mp4v). With ``--onnx`` the file exported by
 tools/export_onnx.py runs in onnxruntime (CPU, or CUDA with ``--device cuda`` and
 onnxruntime-gpu); class names and the resize come from the file. Folders and videos show a
-progress bar with ETA; files in a folder that are not images, or do not decode, are skipped,
-named and counted.
+progress bar with ETA; files in a folder that are not images, or do not decode (and subfolders),
+are skipped, named and counted, and the run goes on. Every path is checked before a model
+loads. A checkpoint is read with weights_only=True: one holding Python objects is refused
+(exit 2, naming ``python -m gfl_det.checkpoint convert --trust``).
 """
 from __future__ import annotations
 
@@ -133,6 +135,9 @@ def run_images(paths: list[str], detect, names, args) -> int:
     fps = FpsMeter() if args.show_fps else None
     bar = tqdm(paths, unit='img', disable=len(paths) == 1, dynamic_ncols=True)
     for path in bar:
+        if osp.isdir(path):
+            skipped.append(f'{path} (a folder: not searched)')
+            continue
         if not path.lower().endswith(IMAGE_EXTS):
             skipped.append(f'{path} (not an image file)')
             continue
@@ -152,7 +157,7 @@ def run_images(paths: list[str], detect, names, args) -> int:
     if len(paths) > 1:
         print(f'{done} picture(s) written to {args.out_dir}')
     if skipped:
-        print(f'skipped {len(skipped)} of {len(paths)} file(s):\n  ' + '\n  '.join(skipped), file=sys.stderr)
+        print(f'skipped {len(skipped)} of {len(paths)} input(s):\n  ' + '\n  '.join(skipped), file=sys.stderr)
     return 0 if done else 1
 
 
@@ -193,8 +198,7 @@ def run_video(path: str, detect, names, args) -> int:
 
 def list_inputs(path: str) -> list[str]:
     if osp.isdir(path):
-        files = sorted(osp.join(path, f) for f in os.listdir(path)
-                       if not f.startswith('.') and osp.isfile(osp.join(path, f)))
+        files = sorted(osp.join(path, f) for f in os.listdir(path) if not f.startswith('.'))
         if not files:
             raise SystemExit(f'error: no files in {path}')
         return files

@@ -19,7 +19,8 @@ from .loader import (AspectRatioBatchSampler, EpochSampler, SampleIndex, build_d
 from .synthetic import make_synthetic_coco
 from .transforms import (Compose, KeepRatioResize, PhotoMetricDistortion, RandomFlip,
                          build_transforms, rescale_size)
-from .validation import BadImageError, DatasetError, SkipReport, load_image
+from .images import load_image
+from .validation import BadImageError, DatasetError, SkipReport
 from .voc import voc_to_coco
 from .yolo import yolo_to_coco
 

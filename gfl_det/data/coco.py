@@ -58,13 +58,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .images import check_image_file, load_image
 from .loader import sample_rng
 from .transforms import build_transforms
-from .validation import (BadImageError, DatasetError, SkipReport, check_image_file,
-                         load_coco_json, load_image, validate_coco)
+from .validation import BadImageError, DatasetError, SkipReport, load_coco_json, validate_coco
 
 __all__ = ['CocoDataset', 'to_sample']
 
+# Warnings for plain-PyTorch use. Under GFLRunner they are silenced (a NullHandler): there
+# DataReportHook and the evaluator report the same problems once, in the run's log.
 logger = logging.getLogger('gfl_det.data')
 
 
@@ -163,10 +165,6 @@ class CocoDataset(Dataset):
             for im, (reason, detail) in bad:
                 self.skipped.add(reason, im['file_name'])
                 self._load_failed.append(im['file_name'])
-            if bad:
-                logger.warning('%s: %d image file(s) skipped at load: %s', self.ann_file,
-                               len(bad), '; '.join(f"{im['file_name']} ({r[0]})"
-                                                   for im, r in bad[:5]))
             bad_names = {im['file_name']: r[0] for im, r in bad}
             if test_mode and on_bad_image == 'skip':  # kept: __getitem__ gives failed samples
                 known_bad = {i: bad_names[im['file_name']] for i, im in enumerate(images)
@@ -188,6 +186,10 @@ class CocoDataset(Dataset):
             raise DatasetError(f'no usable image in {self.ann_file} (img_dir {self.img_dir}):\n'
                                f'{self.skipped}\nfix: see the problems above, or run '
                                'tools/check_dataset.py ANN_FILE IMG_DIR')
+        if self.skipped.errors or self.skipped.warnings:  # (GFLRunner: DataReportHook reports)
+            logger.warning('%s: problems found at load (skipped, or repaired as noted; '
+                           'dataset.skipped holds them):\n%s', self.ann_file,
+                           '\n'.join(self.skipped.lines(severities=('error', 'warning'))))
 
         # packed per-image storage (see module docstring: no list of dicts)
         self.img_ids: list[int] = [im['img_id'] for im in images]

@@ -15,7 +15,8 @@ import os
 from collections import Counter
 from typing import Union
 
-from .validation import SkipReport, check_image_file, load_coco_json, validate_coco
+from .images import check_image_file
+from .validation import SkipReport, load_coco_json, validate_coco
 
 __all__ = ['clean_coco_gt', 'check_dataset', 'MANY_BOXES']
 

@@ -1,6 +1,8 @@
 """Checking detection annotations and images: one place for every "bad input" rule.
 
-Used by :class:`gfl_det.data.coco.CocoDataset` at load time and by ``tools/check_dataset.py``.
+Used by :class:`gfl_det.data.coco.CocoDataset` at load time, by evaluation and by
+``tools/check_dataset.py`` (:mod:`gfl_det.data.groundtruth`); image files are checked and decoded
+by :mod:`gfl_det.data.images` under the same reasons.
 
 Policy (the same everywhere):
 
@@ -42,8 +44,8 @@ the ground truth evaluation scores: these same rules).
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -51,9 +53,7 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 
 __all__ = ['DatasetError', 'BadImageError', 'SkipReport', 'SEVERITY', 'FIXES', 'load_coco_json',
-           'check_coco_structure', 'validate_coco', 'check_image_file', 'load_image']
-
-logger = logging.getLogger('gfl_det.data')
+           'check_coco_structure', 'validate_coco']
 
 SEVERITY = {
     # file-level / image-level
@@ -99,16 +99,47 @@ FIXES = {
 
 
 class DatasetError(ValueError):
-    """The dataset cannot be used as given; the message names the file and the fix."""
+    """The dataset cannot be used as given; the message names the file and the fix.
+
+    Raised in a DataLoader worker process, torch re-raises it in the training process as
+    ``type(e)(message)`` with a message of its own ('Caught DatasetError in DataLoader worker
+    process 0. Original Traceback ...'); the original message is recovered from it, so the
+    tools print the same one clean ``error:`` line with any ``num_workers``."""
+
+    def __init__(self, *args: Any):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_from_worker(args[0], type(self).__name__),)
+        super().__init__(*args)
+
+
+def _from_worker(msg: str, name: str) -> str:
+    """The original message inside torch's re-raise text of a DataLoader worker's exception
+    (``msg`` unchanged if it is not one)."""
+    head = re.match(r'Caught \w+ (in DataLoader worker process \d+)\.\s*\nOriginal Traceback', msg)
+    if not head:
+        return msg
+    last = None
+    for last in re.finditer(rf'^(?:[\w.]+\.)?{name}: ', msg, re.M):
+        pass
+    return msg if last is None else f'{msg[last.end():].strip()} ({head.group(1)})'
 
 
 class BadImageError(DatasetError):
     """One image file cannot be used (missing, corrupt, or its size disagrees with the JSON).
 
-    Attributes: ``path``, ``reason`` (a :data:`SEVERITY` key).
+    Attributes: ``path``, ``reason`` (a :data:`SEVERITY` key; both parsed back from the
+    message when torch re-raises the error from a DataLoader worker).
     """
 
-    def __init__(self, path: Union[str, os.PathLike], reason: str, detail: str = ''):
+    def __init__(self, path: Union[str, os.PathLike], reason: Optional[str] = None,
+                 detail: str = ''):
+        if reason is None:  # re-raised by torch from a worker: the message only
+            super().__init__(str(path))
+            msg = str(self)
+            self.reason = next((r for r in SEVERITY if msg.startswith(r.replace('_', ' ') + ': ')),
+                               'corrupt_image')
+            self.path = re.split(r' \(|; ', msg.split(': ', 1)[-1])[0]
+            return
         self.path = str(path)
         self.reason = reason
         fix = FIXES.get(reason, '')
@@ -381,90 +412,3 @@ def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None,
         im['boxes_ignore'] = clipped[sel[c]].astype(np.float32).reshape(-1, 4)
     return {'cat_ids': cat_ids, 'classes': classes, 'images': images, 'skipped': rep,
             'ann_keep': keep, 'ann_xyxy': clipped, 'ann_clipped': changed & keep}
-
-
-# --------------------------------------------------------------------------------------------
-# images
-
-def check_image_file(path: Union[str, os.PathLike], height: int, width: int,
-                     level: str = 'header') -> Optional[tuple[str, str]]:
-    """Check one image file. Returns ``None`` if fine else ``(reason, detail)``.
-
-    ``level``: ``'exists'`` (stat only), ``'header'`` (PIL reads the size, EXIF rotation
-    applied the way cv2.imread applies it), ``'decode'`` (full decode, as training does).
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        return 'missing_image', 'no such file'
-    if level == 'exists':
-        return None
-    if level == 'decode':
-        try:
-            img = load_image(path)          # what training does
-            from PIL import Image
-            with Image.open(path) as im:    # strict: also catches truncated files, which
-                im.load()                   # cv2 decodes with a grey bottom and a warning
-        except BadImageError as e:
-            return e.reason, str(e)
-        except OSError as e:
-            return 'corrupt_image', str(e)
-        h, w = img.shape[:2]
-    else:
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-                try:
-                    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated 90/270
-                        w, h = h, w
-                except Exception:  # noqa: BLE001 - a broken EXIF block is not our concern here
-                    pass
-        except (UnidentifiedImageError, OSError) as e:
-            return 'corrupt_image', str(e)
-    if (h, w) != (height, width):
-        return 'size_mismatch', f'file is {w}x{h}, JSON says {width}x{height}'
-    return None
-
-
-def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Decode an image file as RGB uint8 (H, W, 3); :class:`BadImageError` if impossible.
-
-    cv2.imread (as mmcv's default backend): applies the EXIF orientation, as MMDetection does.
-    """
-    import cv2
-    path = str(path)
-    if not os.path.isfile(path):
-        raise BadImageError(path, 'missing_image', 'no such file')
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None or img.ndim != 3 or img.size == 0:
-        raise BadImageError(path, 'corrupt_image', 'cv2 could not decode it')
-    if _jpeg_truncated(path):
-        raise BadImageError(path, 'corrupt_image', 'truncated JPEG: the file ends before the '
-                            'end-of-image marker (cv2 would fill the rest with grey)')
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _jpeg_truncated(path: str) -> bool:
-    """True for a JPEG cut short (an interrupted download or copy).
-
-    cv2 decodes such a file "successfully", the missing rows grey, with only a libjpeg warning
-    on stderr. Cheap test first: a complete JPEG ends with the EOI marker ``FF D9`` (trailing
-    zero / whitespace padding allowed), checked by reading 2 + 64 bytes. Files that start as a
-    JPEG but do not end that way (some cameras append data after EOI) are decoded strictly by
-    PIL, which raises on a truncated file: only that decides.
-    """
-    with open(path, 'rb') as f:
-        if f.read(2) != b'\xff\xd8':
-            return False
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 64))
-        tail = f.read().rstrip(b'\x00\r\n\t ')
-    if tail.endswith(b'\xff\xd9'):
-        return False
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except OSError:
-        return True
-    return False

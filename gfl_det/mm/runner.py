@@ -17,6 +17,7 @@ Checkpoint policy (see :mod:`gfl_det.checkpoint`): gfl_det never unpickles a che
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import os.path as osp
@@ -129,6 +130,13 @@ class GFLRunner(Runner):
     def __init__(self, *args: Any, cfg: Optional[Union[Config, dict]] = None, **kwargs: Any):
         if isinstance(cfg, dict) and not isinstance(cfg, Config):
             cfg = Config(cfg)
+        # gfl_det.data's own warnings (for plain-PyTorch use) would print every bad image a
+        # second time, bare, from every worker process: DataReportHook and CocoMetric report
+        # them in the run's log. A NullHandler keeps them off the console (set before any
+        # worker forks; a logging configuration of the user's own still receives them).
+        data_log = logging.getLogger('gfl_det.data')
+        if not any(isinstance(h, logging.NullHandler) for h in data_log.handlers):
+            data_log.addHandler(logging.NullHandler())
         super().__init__(*args, cfg=None if cfg is None else MemoConfig.of(cfg), **kwargs)
 
     # ------------------------------------------------------------------ hooks, train

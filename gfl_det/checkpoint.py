@@ -30,7 +30,6 @@ Finding the checkpoint to resume from, and the random generators' states saved w
 from __future__ import annotations
 
 import argparse
-import enum
 import logging
 import os
 import pickle
@@ -156,8 +155,6 @@ def to_plain(x: Any, where: str = 'checkpoint', dropped: Optional[list] = None) 
                 'log_history': [float(v) for v in x._log_history],
                 'count_history': [float(v) for v in x._count_history],
                 'max_length': int(x.max_length)}
-    if isinstance(x, enum.Enum) and not isinstance(x, (int, float, str)):
-        return _refuse(x, where, dropped)
     for t in (bool, int, float, str, bytes):  # IntEnum, str subclasses, ... -> the plain type
         if isinstance(x, t):
             return t(x)

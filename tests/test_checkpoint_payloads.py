@@ -168,12 +168,9 @@ def test_convert_runs_the_file_only_with_trust(setup, capsys):
 
 def test_missing_files_are_named_before_anything_loads(setup, capsys):
     missing = setup['tmp'] / 'nowhere' / 'epoch_1.pth'
-    with pytest.raises(SystemExit) as e:
-        load_tool('test').main([str(setup['cfg']), str(missing)])
-    assert e.value.code == 2 and f'checkpoint not found: {missing}' in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        load_tool('train').main([str(setup['cfg']), '--resume', str(missing)])
-    assert e.value.code == 2 and f'--resume: checkpoint not found: {missing}' in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        load_tool('train').main([str(setup['tmp'] / 'no_config.py')])
-    assert e.value.code == 2 and 'config not found' in capsys.readouterr().err
+    assert load_tool('test').main([str(setup['cfg']), str(missing)]) == 2
+    assert f'error: checkpoint not found: {missing}' in capsys.readouterr().err
+    assert load_tool('train').main([str(setup['cfg']), '--resume', str(missing)]) == 2
+    assert f'error: --resume: checkpoint not found: {missing}' in capsys.readouterr().err
+    assert load_tool('train').main([str(setup['tmp'] / 'no_config.py')]) == 2
+    assert 'error: config not found' in capsys.readouterr().err

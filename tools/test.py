@@ -50,9 +50,6 @@ def parse_args(argv=None):
     if args.trust_checkpoint:
         from gfl_det.checkpoint import trust_flag_removed
         p.error(trust_flag_removed(args.checkpoint))
-    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
-        if '://' not in path and not osp.isfile(path):
-            p.error(f'{what} not found: {path}')
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -90,6 +87,10 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
+        if '://' not in path and not osp.isfile(path):  # before anything is built or loaded
+            print(f'error: {what} not found: {path}', file=sys.stderr)
+            return 2
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)

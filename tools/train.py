@@ -55,10 +55,6 @@ def parse_args(argv=None):
                    help="'pytorch' under torchrun (tools/dist_train.sh)")
     p.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not osp.isfile(args.config):
-        p.error(f'config not found: {args.config}')
-    if args.resume not in (None, 'auto') and not osp.isfile(args.resume):
-        p.error(f'--resume: checkpoint not found: {args.resume}')
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -110,6 +106,10 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for path, what in ((args.config, 'config'), (args.resume, '--resume: checkpoint')):
+        if path not in (None, 'auto') and not osp.isfile(path):  # before anything is built
+            print(f'error: {what} not found: {path}', file=sys.stderr)
+            return 2
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)

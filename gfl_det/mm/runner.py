@@ -363,9 +363,9 @@ class GFLRunner(Runner):
 
     def load_or_resume(self) -> None:
         """``resume=True`` without ``load_from``: the newest complete checkpoint in the work_dir
-        (:func:`gfl_det.checkpoint.find_latest_checkpoint` skips truncated files; the temp files
-        of saves interrupted by a kill are deleted first); none found: start from scratch,
-        saying so."""
+        (:func:`gfl_det.resume.find_latest_checkpoint` skips truncated files and stops at one
+        holding Python objects; the temp files of saves interrupted by a kill are deleted
+        first); none found: start from scratch, saying so."""
         if self._has_loaded:
             return
         resume_from = None

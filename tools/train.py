@@ -10,9 +10,10 @@ Logs (ETA, losses, lr) and TensorBoard events go to the work dir (default
 ``work_dirs/<config name>``), with a checkpoint per epoch, ``best_coco_bbox_mAP_epoch_N.pth``
 and COCO validation after every epoch.
 
-Exit status: 0 done; 3 training stopped by the non-finite guard (``optim_wrapper.
-nonfinite_guard.max_consecutive`` NaN/Inf steps in a row; the message names the last good
-checkpoint); anything else is an error with its traceback.
+Exit status: 0 done; 2 bad input (dataset, a missing or refused checkpoint: one ``error:`` line
+naming the file and the fix); 3 training stopped by the non-finite guard (``optim_wrapper.
+nonfinite_guard.max_consecutive`` NaN/Inf steps in a row, or non-finite weights; the message
+names the last good checkpoint); anything else is an error with its traceback.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def parse_args(argv=None):
                    '(default: work_dirs/<config name>)')
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume: alone, from the latest checkpoint in the work dir; '
-                        'with a path, from that checkpoint (trusted: it must be your own)')
+                        'with a path, from that checkpoint (read with weights_only=True, as '
+                        'every checkpoint)')
     p.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'float16', 'bfloat16'],
                    help='mixed precision (AmpOptimWrapper); alone: float16 on CUDA, '
                         'bfloat16 on the CPU')
@@ -104,9 +106,14 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for path, what in ((args.config, 'config'), (args.resume, '--resume: checkpoint')):
+        if path not in (None, 'auto') and not osp.isfile(path):  # before anything is built
+            print(f'error: {what} not found: {path}', file=sys.stderr)
+            return 2
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
+    from gfl_det.checkpoint import CheckpointError
     from gfl_det.data import DatasetError
     from gfl_det.guard import NonFiniteLossError
     from gfl_det.mm import GFLRunner
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:  # already in the log; the message names the checkpoint
         print(f'error: training stopped: {e}', file=sys.stderr)
         return 3
-    except (DatasetError, PretrainedWeightsError) as e:  # the message names the file and the fix
+    except (DatasetError, PretrainedWeightsError, CheckpointError) as e:  # names the file and the fix
         print(f'error: {e}', file=sys.stderr)
         return 2
     if runner.rank == 0:

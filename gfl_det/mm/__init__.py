@@ -17,6 +17,8 @@ config ``type=``            what it builds
                             data_prefix, filter_cfg, pipeline) -> :class:`gfl_det.data.CocoDataset`
 ``'SyntheticCocoDataset'``  the same, writing the synthetic shapes set first when it is missing
 ``'AspectRatioBatchSampler'``  :class:`gfl_det.data.AspectRatioBatchSampler` (equal batch counts on every rank)
+``'DefaultSampler'``,       mmengine's, yielding :class:`gfl_det.data.SampleIndex` (each sample's
+``'InfiniteSampler'``       augmentation drawn from (seed, epoch, index): exact with any workers)
 ``'gfl_collate'``           :func:`gfl_det.data.collate` (``collate_fn=dict(type='gfl_collate')``)
 ``'Resize'``, ``'RandomResize'``, ``'RandomFlip'``, ``'PhotoMetricDistortion'``,
 ``'LoadImageFromFile'``, ``'LoadAnnotations'``, ``'PackDetInputs'``: pipeline steps
@@ -25,8 +27,9 @@ config ``type=``            what it builds
 ``'AmpOptimWrapper'``       AMP that also runs on the CPU (bfloat16)
 ``'DeferredRuntimeInfoHook'``  mmengine's RuntimeInfoHook with one host sync per log interval
 ``'DrawPredictionsHook'``   writes pictures of the predictions (``tools/test.py --show-dir``)
-``'GFLRunner'``             :class:`GFLRunner` -- atomic, weights-only-safe checkpoints; trusted
-                            resume, untrusted ``load_from``
+``'CheckpointHook'``        mmengine's, saving (and choosing a best) only from a clean state
+``'GFLRunner'``             :class:`GFLRunner` -- atomic, plain-data checkpoints, every one read
+                            with ``weights_only=True`` (resume and ``load_from`` alike)
 ==========================  ===================================================================
 
 One module per concern: ``registry`` (the registries), ``model`` (detector + data preprocessor),
@@ -35,7 +38,8 @@ One module per concern: ``registry`` (the registries), ``model`` (detector + dat
 """
 from . import data, hooks, metric, model, optim, registry, runner  # noqa: F401 (registers)
 from .data import CocoDetDataset, SyntheticCocoDataset, build_pipeline
-from .hooks import DataReportHook, DeferredRuntimeInfoHook, DrawPredictionsHook, ValRandomStateHook
+from .hooks import (CheckpointHook, DataReportHook, DeferredRuntimeInfoHook, DrawPredictionsHook,
+                    ValRandomStateHook)
 from .metric import CocoMetric
 from .model import GFLDataPreprocessor, GFLDetector
 from .optim import AmpOptimWrapper, OptimWrapper
@@ -47,4 +51,4 @@ __all__ = ['SCOPE', 'MODELS', 'DATASETS', 'DATA_SAMPLERS', 'TRANSFORMS', 'FUNCTI
            'OPTIM_WRAPPERS', 'RUNNERS', 'register_all_modules', 'GFLDetector', 'GFLDataPreprocessor',
            'CocoDetDataset', 'SyntheticCocoDataset', 'build_pipeline', 'CocoMetric', 'OptimWrapper',
            'AmpOptimWrapper', 'DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook',
-           'DataReportHook', 'GFLRunner', 'MemoConfig', 'encode_message_hub', 'decode_message_hub']
+           'DataReportHook', 'CheckpointHook', 'GFLRunner', 'MemoConfig', 'encode_message_hub', 'decode_message_hub']

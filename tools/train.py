@@ -13,11 +13,12 @@ and COCO validation after every epoch.
 The console shows a short header (config, work dir, log file, data, schedule, device), then
 progress lines with ETA; mmengine's environment / config / hook dump is in the log file only.
 
-Exit status: 0 done; 2 bad data or missing pretrained weights (the message names the file and
-the fix); 3 training stopped by the non-finite guard (``optim_wrapper.
-nonfinite_guard.max_consecutive`` NaN/Inf steps in a row; the message names the last good
-checkpoint); 130 interrupted (Ctrl-C: the message gives the ``--resume`` command); anything
-else is an error with its traceback. Every error's traceback is also in the run's log file.
+Exit status: 0 done; 2 bad input (dataset, a missing or refused checkpoint, missing pretrained
+weights: one ``error:`` line naming the file and the fix); 3 training stopped by the non-finite
+guard (``optim_wrapper.nonfinite_guard.max_consecutive`` NaN/Inf steps in a row, or non-finite
+weights; the message names the last good checkpoint); 130 interrupted (Ctrl-C: the message gives
+the ``--resume`` command); anything else is an error with its traceback. Every error's traceback
+is also in the run's log file.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def parse_args(argv=None):
                    '(default: work_dirs/<config name>)')
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume: alone, from the latest checkpoint in the work dir; '
-                        'with a path, from that checkpoint (trusted: it must be your own)')
+                        'with a path, from that checkpoint (read with weights_only=True, as '
+                        'every checkpoint)')
     p.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'float16', 'bfloat16'],
                    help='mixed precision (AmpOptimWrapper); alone: float16 on CUDA, '
                         'bfloat16 on the CPU')
@@ -109,9 +111,14 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for path, what in ((args.config, 'config'), (args.resume, '--resume: checkpoint')):
+        if path not in (None, 'auto') and not osp.isfile(path):  # before anything is built
+            print(f'error: {what} not found: {path}', file=sys.stderr)
+            return 2
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
+    from gfl_det.checkpoint import CheckpointError
     from gfl_det.data import DatasetError
     from gfl_det.guard import NonFiniteLossError
     from gfl_det.mm import GFLRunner
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:  # already in the log; the message names the checkpoint
         print(f'error: training stopped: {e}', file=sys.stderr)
         return 3
-    except (DatasetError, PretrainedWeightsError) as e:  # the message names the file and the fix
+    except (DatasetError, PretrainedWeightsError, CheckpointError) as e:  # names the file and the fix
         log_exception(getattr(runner, 'logger', None), e, 'training stopped:')  # the traceback: log file
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """gfl_det's hooks: losses logged with one host sync per interval, pictures of the predictions,
-validation kept out of the random streams, and a report of bad input."""
+validation kept out of the random streams, a report of bad input, and checkpoints saved only
+from a clean training state."""
 from __future__ import annotations
 
 import os
@@ -7,16 +8,19 @@ import os.path as osp
 from typing import Any, Optional, Sequence
 
 import torch
+from mmengine.hooks import CheckpointHook as _MMCheckpointHook
 from mmengine.hooks import Hook, LoggerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from torch import Tensor
 
 from .. import data as gdata
+from ..guard import NonFiniteLossError
 from ..resume import capture_rng_state, restore_rng_state
 from .optim import DeferredScalars
 from .registry import HOOKS
 
-__all__ = ['DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook', 'DataReportHook']
+__all__ = ['DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook', 'DataReportHook',
+           'CheckpointHook']
 
 
 @HOOKS.register_module()
@@ -226,3 +230,46 @@ class DataReportHook(Hook):
 
     def before_test(self, runner) -> None:
         self._report_dataset(runner, runner.test_dataloader, 'test')
+
+
+@HOOKS.register_module(name='CheckpointHook')
+class CheckpointHook(_MMCheckpointHook):
+    """mmengine's ``CheckpointHook`` (configs name it ``'CheckpointHook'``, same arguments) that
+    saves only a clean training state: it asks :meth:`GFLRunner.dirty_reason` first, and while
+    the non-finite guard has a streak open or the gradient or the weights have diverged
+    (:meth:`gfl_det.guard.NonFiniteGuard.dirty_reason`) it writes no epoch / iteration
+    checkpoint, deletes no old one to make room, and chooses no new best -- the log says why.
+    Non-finite weights stop training (:class:`gfl_det.guard.NonFiniteLossError`), and so does
+    a run that ends with its last checkpoint unsaved: the final state is a diverged one."""
+
+    unsaved: Optional[str] = None  # why the last checkpoint due was not written
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        guard = getattr(runner.optim_wrapper, 'guard', None)
+        if guard is not None and hasattr(runner, 'dirty_reason'):
+            runner.dirty_reason()  # the weights' reference size: when training starts
+
+    def after_train(self, runner) -> None:
+        super().after_train(runner)
+        if self.unsaved:
+            raise NonFiniteLossError(f'training ended in a state that was not saved: {self.unsaved}.')
+
+    def _clean(self, runner, what: str, filename: str) -> bool:
+        why = runner.dirty_reason(filename) if hasattr(runner, 'dirty_reason') else None
+        if why:
+            runner.logger.warning(f'iteration {runner.iter}: {what} NOT saved: {why}')
+            self.unsaved = f'iteration {runner.iter}: {why}'
+        return not why
+
+    def _save_checkpoint(self, runner) -> None:
+        step = runner.epoch + 1 if self.by_epoch else runner.iter + 1
+        if self._clean(runner, 'checkpoint', self.filename_tmpl.format(step)):
+            super()._save_checkpoint(runner)
+            self.unsaved = None
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        step = runner.epoch if self.by_epoch else runner.iter
+        if not self.save_best or self._clean(runner, 'best checkpoint (no new best chosen)',
+                                             f'best_{self.filename_tmpl.format(step)}'):
+            super()._save_best_checkpoint(runner, metrics)

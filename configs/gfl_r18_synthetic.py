@@ -56,5 +56,5 @@ param_scheduler = [
          gamma=0.1)
 ]
 optim_wrapper = dict(optimizer=dict(lr=0.02), clip_grad=dict(max_norm=35, norm_type=2))
-default_hooks = dict(logger=dict(interval=10), checkpoint=dict(max_keep_ckpts=2))
+default_hooks = dict(checkpoint=dict(max_keep_ckpts=2))
 randomness = dict(seed=0)

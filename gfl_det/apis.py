@@ -58,7 +58,7 @@ def build_test_transforms(cfg) -> gdata.Compose:
 
 def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
                   device: str = 'cpu', cfg_options: Optional[dict] = None,
-                  trusted: bool = False, fuse_conv_bn: bool = False, compile: bool = False,
+                  fuse_conv_bn: bool = False, compile: bool = False,
                   channels_last: bool = False, winograd: bool = False):
     """Build the detector of ``config`` and load ``checkpoint`` (weights only).
 
@@ -67,8 +67,6 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
         checkpoint: a gfl_det or MMDetection checkpoint; None keeps the random init.
         device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...
         cfg_options: config overrides, as ``--cfg-options``.
-        trusted: the checkpoint needs full unpickling and you trust its source (see
-            :func:`gfl_det.checkpoint.load_untrusted`).
         fuse_conv_bn: fold the backbone's BatchNorms into its convs (same detections to float
             rounding, a little faster).
         compile: ``torch.compile`` backbone + neck + head for inference (implies
@@ -96,7 +94,7 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
         model_cfg['channels_last'] = True
     model = GFLDetector(**model_cfg)
     if checkpoint is not None:
-        meta = load_weights(model, checkpoint, strict=True, trusted=trusted)
+        meta = load_weights(model, checkpoint, strict=True)  # weights_only=True, always
         if meta.get('classes'):
             model.class_names = tuple(meta['classes'])
     if model.class_names is None:
@@ -187,9 +185,12 @@ def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False
 
 def read_images(paths: Sequence[str]):
     """For each path (path, RGB uint8 image, None), or (path, None, why not): 'not an image file'
-    (by extension), or the decoding problem ('corrupt image', 'missing image'). What the tools
-    that walk a folder skip, name and count instead of stopping."""
+    (by extension), 'a folder: not searched', or the decoding problem ('corrupt image', 'missing
+    image'). What the tools that walk a folder skip, name and count instead of stopping."""
     for path in paths:
+        if os.path.isdir(path):
+            yield path, None, 'a folder: not searched'
+            continue
         if not str(path).lower().endswith(IMAGE_EXTS):
             yield path, None, 'not an image file'
             continue

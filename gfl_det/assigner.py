@@ -11,7 +11,7 @@ priors only:
      than 0.01 px on all four sides;
   4. a prior positive for several gts takes the one of largest IoU (lowest gt index on ties).
 
-How it is vectorised (no loop over images, boxes or priors; one short loop over levels):
+How it is vectorised (no loop over images, boxes, priors or levels):
 priors form a regular grid per level and an image's valid priors a rectangle of it, so the
 k nearest priors to a point lie among the k nearest *columns* times the k nearest *rows*
 (any prior outside that set has k priors in its own row -- or column -- that are strictly
@@ -56,70 +56,58 @@ def atss_assign(priors: Priors, gt_boxes: Tensor, gt_valid: Tensor, pad_shapes: 
     """
     B, G = gt_valid.shape
     device = gt_boxes.device
-    A = priors.points.shape[0]
+    A, k = priors.points.shape[0], topk
     gt_boxes = torch.where(gt_valid[..., None], gt_boxes, gt_boxes.new_zeros(()))
-    gcx = (gt_boxes[..., 0] + gt_boxes[..., 2]) / 2.0  # (B, G)
-    gcy = (gt_boxes[..., 1] + gt_boxes[..., 3]) / 2.0
-    rows_v, cols_v = priors.valid_rows_cols(pad_shapes)  # (B, L)
-    win = torch.arange(topk + 1, device=device)
-    win_slot = torch.arange((topk + 1) ** 2, device=device)  # window slots in prior order
-    shift = max(1, ((topk + 1) ** 2 - 1).bit_length())
+    centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2.0  # (B, G, 2) x, y
+    extent = priors.valid_extent(pad_shapes)[:, None, :, None, :]  # (B, 1, L, 1, 2) valid rows, cols
+    win = torch.arange(k + 1, device=device)
+    shift = max(1, ((k + 1) ** 2 - 1).bit_length())
+    win_slot = torch.arange((k + 1) ** 2, device=device)  # window slots in prior order
     inf_key = 0x7F800000 << shift  # float32 +inf's bit pattern: the key of an invalid slot
-    idx_levels, ok_levels = [], []
-    offset = 0
-    for lvl, ((h, w), s) in enumerate(zip(priors.level_sizes, priors.level_strides)):
-        nr = rows_v[:, lvl, None]  # (B, 1)
-        nc = cols_v[:, lvl, None]
-        x0 = torch.floor(gcx / s).long() - topk // 2
-        y0 = torch.floor(gcy / s).long() - topk // 2
-        x0 = torch.minimum(x0.clamp(min=0), (nc - (topk + 1)).clamp(min=0))  # (B, G)
-        y0 = torch.minimum(y0.clamp(min=0), (nr - (topk + 1)).clamp(min=0))
-        cols = x0[..., None] + win  # (B, G, k+1)
-        rows = y0[..., None] + win
-        ok = (rows < nr[..., None])[..., :, None] & (cols < nc[..., None])[..., None, :]  # (B, G, k+1, k+1)
-        idx = (rows[..., :, None] * w + cols[..., None, :]).flatten(2)  # (B, G, (k+1)^2), prior order
-        ok = ok.flatten(2)
-        idx = torch.where(ok, idx, torch.zeros_like(idx)) + offset
-        pts = priors.points[idx]  # (B, G, W, 2)
-        dx = pts[..., 0] - gcx[..., None]
-        dy = pts[..., 1] - gcy[..., None]
-        dist = (dx * dx + dy * dy).sqrt()
-        dist = torch.where(ok, dist, torch.full_like(dist, float("inf")))
-        # the k smallest distances, ties to the earlier window slot (= lower prior index), as a
-        # stable sort would give: a non-negative float's bit pattern orders as an integer, so
-        # (bits << shift | slot) is a unique int64 key and topk picks exactly the stable order
-        # (topk over 100 keys is ~15x faster than a stable sort of them on the CPU)
-        key = (dist.to(torch.float32).view(torch.int32).long() << shift) | win_slot
-        key, order = key.topk(topk, dim=-1, largest=False, sorted=True)
-        idx_levels.append(idx.gather(-1, order))
-        ok_levels.append(key < inf_key)
-        offset += h * w
-    cand_idx = torch.cat(idx_levels, -1)  # (B, G, K)
-    cand_ok = torch.cat(ok_levels, -1) & gt_valid[..., None]
+
+    # every level at once: the (k+1) x (k+1) window of grid cells around each gt centre, its
+    # first column / row clamped into the image's valid part of the level
+    s = priors.level_stride[:, None]  # (L, 1)
+    first = torch.floor(centre[:, :, None, :] / s).long() - k // 2  # (B, G, L, 2) x0, y0
+    first = torch.minimum(first.clamp(min=0), (extent.flip(-1)[..., 0, :] - (k + 1)).clamp(min=0))
+    cells = first[..., None, :] + win[:, None]  # (B, G, L, k+1, 2) columns, rows
+    cols, rows = cells.unbind(-1)
+    ok = ((rows < extent[..., 0])[..., :, None] & (cols < extent[..., 1])[..., None, :]).flatten(3)  # (B, G, L, W)
+    width = priors.level_hw[:, 1, None, None]  # (L, 1, 1)
+    idx = (rows[..., :, None] * width + cols[..., None, :]).flatten(3)  # (B, G, L, W), prior order
+    idx = torch.where(ok, idx, 0) + priors.level_start[:, None]  # index among all A priors
+    d = priors.points[idx] - centre[:, :, None, None, :]  # (B, G, L, W, 2)
+    dist = torch.where(ok, (d * d).sum(-1).sqrt(), float("inf"))
+    # the k smallest distances, ties to the earlier window slot (= lower prior index), as a
+    # stable sort would give: a non-negative float's bit pattern orders as an integer, so
+    # (bits << shift | slot) is a unique int64 key and topk picks exactly the stable order
+    # (topk over 100 keys is ~15x faster than a stable sort of them on the CPU)
+    key = (dist.to(torch.float32).view(torch.int32).long() << shift) | win_slot
+    key, order = key.topk(k, dim=-1, largest=False, sorted=True)  # (B, G, L, k)
+    cand_idx = idx.gather(-1, order).flatten(2)  # (B, G, K), level by level
+    cand_ok = (key < inf_key).flatten(2) & gt_valid[..., None]
 
     # IoU of the candidates' anchor boxes with their gt (anchor box first, as mmdet)
-    anchors = priors.boxes(octave_base_scale)[cand_idx]  # (B, G, K, 4)
+    pts = priors.points[cand_idx]  # (B, G, K, 2)
+    half = priors.strides[cand_idx, None] * (octave_base_scale / 2)
+    anchors = torch.cat([pts - half, pts + half], -1)  # (B, G, K, 4), as Priors.boxes
     iou = aligned_iou(anchors, gt_boxes[:, :, None, :])  # (B, G, K)
     okf = cand_ok.to(iou.dtype)
     n = okf.sum(-1, keepdim=True)
     mean = (iou * okf).sum(-1, keepdim=True) / n
     var = (((iou - mean) * okf) ** 2).sum(-1, keepdim=True) / (n - 1)
     thr = mean + var.sqrt()
-    pts = priors.points[cand_idx]  # (B, G, K, 2)
-    inside = torch.stack([pts[..., 0] - gt_boxes[..., None, 0], pts[..., 1] - gt_boxes[..., None, 1],
-                          gt_boxes[..., None, 2] - pts[..., 0], gt_boxes[..., None, 3] - pts[..., 1]],
-                         -1).amin(-1) > 0.01
+    gt = gt_boxes[:, :, None, :]  # (B, G, 1, 4)
+    inside = torch.cat([pts - gt[..., :2], gt[..., 2:] - pts], -1).amin(-1) > 0.01
     is_pos = cand_ok & (iou >= thr) & inside
 
-    # a prior positive for several gts goes to the gt of largest IoU (lowest index on ties)
-    flat = (torch.arange(B, device=device)[:, None, None] * A + cand_idx).flatten()
-    neg_inf = torch.full((), float("-inf"), device=device, dtype=iou.dtype)
-    best = torch.full((B * A,), float("-inf"), device=device, dtype=iou.dtype)
-    best.scatter_reduce_(0, flat, torch.where(is_pos, iou, neg_inf).flatten(), "amax")
-    win_ = is_pos & (iou == best[flat].view_as(iou))
-    gidx = torch.arange(G, device=device)[None, :, None].expand_as(cand_idx)
-    bestg = torch.full((B * A,), G, device=device, dtype=torch.long)
-    bestg.scatter_reduce_(0, flat, torch.where(win_, gidx, torch.full_like(gidx, G)).flatten(), "amin")
-    pos = win_ & (gidx == bestg[flat].view_as(gidx))
-    assigned = torch.where(bestg < G, bestg, torch.full_like(bestg, -1)).view(B, A)
-    return Assignment(cand_idx, cand_ok, iou, pos, assigned, pos.flatten(1).sum(1))
+    # a prior positive for several gts goes to the gt of largest IoU (lowest index on ties): one
+    # amax over int64 keys (IoU bits << 32 | G - 1 - gt), unique per (prior, gt) as the distance
+    # keys above, so the winning slot is the one whose key is its prior's maximum
+    flip_g = G - 1 - torch.arange(G, device=device)[:, None]  # (G, 1)
+    key = torch.where(is_pos, (iou.view(torch.int32).long() << 32) | flip_g, -1).flatten(1)  # (B, G K)
+    slots = cand_idx.flatten(1)  # (B, G K)
+    best = torch.full((B, A), -1, device=device, dtype=torch.long).scatter_reduce_(1, slots, key, "amax")  # (B, A)
+    pos = (key >= 0) & (key == best.gather(1, slots))
+    assigned = torch.where(best >= 0, G - 1 - (best & 0xFFFFFFFF), -1)  # (B, A)
+    return Assignment(cand_idx, cand_ok, iou, pos.view_as(iou), assigned, pos.sum(1))

@@ -1,22 +1,26 @@
-"""Checkpoint I/O that works with torch >= 2.6 (``torch.load(weights_only=True)`` by default).
+"""Checkpoint I/O: plain data only, every file loaded with ``torch.load(weights_only=True)``.
 
-Trust policy -- who may run code from a pickle:
+Trust policy -- gfl_det never unpickles a checkpoint:
 
-* **Our own training checkpoints are trusted**: files our runner wrote into the work_dir
-  (resume) are loaded with :func:`load_trusted` (``weights_only=False``). mmengine's full
-  checkpoints hold a ``MessageHub`` (``HistoryBuffer`` objects, numpy scalars and arrays), the
-  optimizer and scheduler states, ...; allow-listing those one by one for ``weights_only`` is
-  an endless chase (HistoryBuffer, then numpy types, then ``builtins.getattr``), so we do not.
-  The caller decides a file is its own; nothing here guesses.
-* **Everything else is untrusted**: model-zoo / pretrained weights, ``--checkpoint`` of
-  test/demo go through :func:`load_untrusted` (``weights_only=True``). When that refuses the
-  file we raise :class:`UntrustedCheckpointError` naming the file, the object torch refused and
-  the two ways on: ``trusted=True`` (``--trust-checkpoint`` on the command line) if you trust
-  where it came from, or a one-time conversion to a weights-only copy::
+* **Every file gfl_det writes holds plain data only**: tensors, numbers, strings, lists, tuples
+  and dicts (``GFLRunner.save_checkpoint``: weights, optimizer, lr scheduler, AMP scaler,
+  mmengine's message hub with its history buffers, the random generators' states, numpy values
+  as Python numbers). :func:`to_plain` converts what mmengine hands over and refuses anything
+  else, naming where it sits, before a byte is written.
+* **Every load uses ``weights_only=True``** (:func:`load_untrusted`): ``--resume`` (auto and
+  PATH), the work dir's ``last_checkpoint``, ``load_from``, tools/test.py, tools/demo.py,
+  ``init_detector``. A file that holds Python objects -- a planted payload, or a full training
+  checkpoint of plain mmengine / MMDetection -- is refused with
+  :class:`UntrustedCheckpointError`, naming the file and torch's reason, before any of its code
+  can run.
+* **One explicit opt-in** for a pickled file whose source you trust::
 
-      python -m gfl_det.checkpoint convert IN.pth OUT.pth
+      python -m gfl_det.checkpoint convert --trust IN.pth OUT.pth
 
-  We never fall back to unsafe loading on our own.
+  unpickles ``IN.pth`` (``weights_only=False``: this runs whatever code the file names) and
+  writes a plain copy that keeps the weights and the whole resume state; ``OUT.pth`` then
+  loads, resumes and fine-tunes like gfl_det's own files. Without ``--trust`` nothing is
+  unpickled.
 
 Writes are atomic (:func:`atomic_save`): a kill at any moment leaves the previous file intact.
 Finding the checkpoint to resume from, and the random generators' states saved with it, are in
@@ -40,14 +44,15 @@ from torch import nn
 
 __all__ = [
     'CheckpointError', 'UntrustedCheckpointError', 'CheckpointMismatchError', 'atomic_save',
-    'load_trusted', 'load_untrusted', 'load_checkpoint', 'split_checkpoint', 'load_weights',
-    'convert_to_weights', 'PARTIAL_SAVE',
+    'load_untrusted', 'read_meta', 'split_checkpoint', 'load_weights', 'to_plain',
+    'convert_trusted', 'PARTIAL_SAVE', 'HISTORY_BUFFER',
 ]
 
 PathLike = Union[str, os.PathLike]
 LogFn = Union[None, logging.Logger, Callable[[str], Any]]
 _LOGGER = logging.getLogger(__name__)
 PARTIAL_SAVE = re.compile(r'^\..+\.pth\.[^.]+\.tmp$')  # atomic_save's temp files: .NAME.XXXX.tmp
+HISTORY_BUFFER = '__history_buffer__'  # marks an mmengine HistoryBuffer encoded by to_plain
 
 
 class CheckpointError(RuntimeError):
@@ -120,53 +125,112 @@ def _fsync_dir(directory: str) -> None:
         os.close(dfd)
 
 
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype,
+           torch.device, torch.Size)
+
+
+def to_plain(x: Any, where: str = 'checkpoint', dropped: Optional[list] = None) -> Any:
+    """``x`` as data that ``torch.load(weights_only=True)`` reads back: tensors, numbers,
+    strings, ``None``, and lists / tuples / dicts of them.
+
+    Converted: numpy scalars -> Python numbers, numpy arrays -> tensors, other subclasses of the
+    plain types (``IntEnum``, ``np.float64``, ...) -> the plain type, sets -> sorted lists, and
+    mmengine's ``HistoryBuffer`` -> ``{HISTORY_BUFFER: True, 'log_history': [...],
+    'count_history': [...], 'max_length': n}`` (``gfl_det.mm.decode_message_hub`` builds it back).
+    A state dict's ``_metadata`` (BatchNorm versions) is kept.
+
+    Anything else (a class instance, a function, ...): with ``dropped`` (a list) it is left out
+    and its path (``checkpoint['meta']['x']``) appended; without, :class:`CheckpointError` names
+    it -- so nothing that would need unpickling is ever written.
+    """
+    if type(x) in _LEAVES or isinstance(x, torch.Tensor):
+        return x
+    if type(x).__module__ == 'numpy':
+        if getattr(x, 'ndim', None) == 0 and hasattr(x, 'item'):
+            return to_plain(x.item(), where, dropped)   # numpy scalar
+        if hasattr(x, 'dtype') and x.dtype != object:
+            return torch.from_numpy(x.copy())          # numeric array (np.float64 is a float)
+    if type(x).__name__ == 'HistoryBuffer' and hasattr(x, '_log_history'):
+        return {HISTORY_BUFFER: True,
+                'log_history': [float(v) for v in x._log_history],
+                'count_history': [float(v) for v in x._count_history],
+                'max_length': int(x.max_length)}
+    for t in (bool, int, float, str, bytes):  # IntEnum, str subclasses, ... -> the plain type
+        if isinstance(x, t):
+            return t(x)
+    if isinstance(x, Mapping):
+        out = OrderedDict() if isinstance(x, OrderedDict) else {}
+        for k, v in x.items():
+            key = to_plain(k, f'{where} key {k!r}', dropped)
+            if isinstance(key, (torch.Tensor, list, dict)) or key is _DROP:
+                _refuse(k, f'{where} key {k!r}', dropped)
+                continue
+            v = to_plain(v, f'{where}[{k!r}]', dropped)
+            if v is not _DROP:
+                out[key] = v
+        if getattr(x, '_metadata', None) is not None and isinstance(out, OrderedDict):
+            out._metadata = to_plain(x._metadata, f'{where}._metadata', dropped)
+        return out
+    if isinstance(x, (list, tuple, set, frozenset)):
+        seq = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
+        items = [to_plain(v, f'{where}[{i}]', dropped) for i, v in enumerate(seq)]
+        items = [v for v in items if v is not _DROP]
+        return tuple(items) if type(x) is tuple else items
+    return _refuse(x, where, dropped)
+
+
+_DROP = object()
+
+
+def _refuse(x: Any, where: str, dropped: Optional[list]) -> Any:
+    if dropped is None:
+        raise CheckpointError(f'{where} is a {type(x).__module__}.{type(x).__qualname__}, not plain '
+                              'data (tensors, numbers, strings, lists, dicts): a checkpoint holding '
+                              'it would need unpickling to load, which gfl_det never does; store '
+                              'it as plain data (e.g. its state_dict())')
+    dropped.append(f'{where} ({type(x).__qualname__})')
+    return _DROP
+
+
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
-def load_trusted(path: PathLike, map_location: Any = 'cpu') -> Any:
-    """Load a checkpoint WE wrote (e.g. for resume from the work_dir): ``weights_only=False``.
-
-    Only for files from a trusted source: unpickling runs whatever code the file names.
-    """
-    path = os.fspath(path)
-    _check_file(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f'checkpoint {path!r} could not be read ({type(e).__name__}: '
-                              f'{_first_line(e)}); it may be truncated or corrupt') from e
-
-
-def load_untrusted(path: PathLike, map_location: Any = 'cpu') -> Any:
-    """Load weights from elsewhere (model zoo, pretrained, ``--checkpoint``): ``weights_only=True``.
+def load_untrusted(path: PathLike, map_location: Any = 'cpu', mmap: bool = False) -> Any:
+    """Load a checkpoint with ``weights_only=True`` -- the only way gfl_det loads one (ours,
+    the model zoo's, anyone's: a file is data, never code).
 
     Raises:
-        UntrustedCheckpointError: the file holds objects ``weights_only`` refuses; the message
-            says which and how to proceed. Never falls back to unsafe loading.
+        UntrustedCheckpointError: the file holds Python objects ``weights_only`` refuses; the
+            message names the file, torch's reason and the one way on (``convert --trust``).
+            Nothing of the file has run.
         CheckpointError: the file is unreadable (truncated, not a checkpoint).
+        FileNotFoundError: no such file.
     """
     path = os.fspath(path)
-    _check_file(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path!r}')
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if 'weights only load failed' not in str(e).lower():
             raise CheckpointError(f'checkpoint {path!r} could not be read: {_first_line(e)}') \
                 from e
-        raise UntrustedCheckpointError(_untrusted_message(path, e)) from None
+        raise UntrustedCheckpointError(untrusted_message(path, e)) from None
     except Exception as e:
         raise CheckpointError(f'checkpoint {path!r} could not be read ({type(e).__name__}: '
                               f'{_first_line(e)}); it may be truncated or corrupt') from e
 
 
-def load_checkpoint(path: PathLike, map_location: Any = 'cpu', trusted: bool = False) -> Any:
-    """:func:`load_trusted` if ``trusted`` else :func:`load_untrusted`."""
-    return (load_trusted if trusted else load_untrusted)(path, map_location=map_location)
-
-
-def _check_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path!r}')
+def read_meta(path: PathLike) -> dict:
+    """A checkpoint's ``meta`` dict (``{}`` if none), memory-mapped where the file allows it
+    (no tensor data is read); :func:`load_untrusted`'s errors."""
+    import zipfile
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CheckpointError(f'checkpoint {path!r} is empty (0 bytes)')
+    ckpt = load_untrusted(path, mmap=zipfile.is_zipfile(path))  # mmap: torch's zip format only
+    meta = ckpt.get('meta') if isinstance(ckpt, Mapping) else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def _first_line(e: BaseException) -> str:
@@ -174,22 +238,39 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else repr(e)
 
 
-def _untrusted_message(path: str, e: BaseException) -> str:
-    m = re.search(r'WeightsUnpickler error:\s*(.*?)(?: Please use|\n|$)', str(e))
-    reason = m.group(1).strip() if m else _first_line(e)
+_BOILERPLATE = re.compile(r'weights.only|PyTorch 2\.6|^Check the documentation|trusted source|'
+                          r'^\(\d\)|\bdo those steps\b', re.I)
+
+
+def _torch_reason(e: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, from its (version-dependent) message:
+    'WeightsUnpickler error: Unsupported global: GLOBAL numpy...' (torch 2.6-2.9), 'Trying to
+    load unsupported GLOBAL posix.system whose module posix is blocked.' (later), ..."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
+    m = re.search(r'WeightsUnpickler error:\s*(.+)', text)
+    if m:
+        return re.split(r'\s+Please use\b', m.group(1).strip())[0].rstrip('. ')
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not _BOILERPLATE.search(line):
+            return re.split(r'\s+Please use\b', line)[0].rstrip('. ')
+    return _first_line(e)
+
+
+def untrusted_message(path: str, e: BaseException) -> str:
     root, ext = os.path.splitext(path)
-    out = f'{root}_weights{ext or ".pth"}'
+    out = f'{root}_plain{ext or ".pth"}'
     return (
-        f'refusing to load checkpoint {path!r} with weights_only=True: it holds Python objects '
-        f'beyond tensors and plain containers ({reason}). Full training checkpoints (mmengine/'
-        f'mmdet: message hub, optimizer, numpy values) look like this; unpickling them runs code '
-        f'named by the file, so it is not done for files of unknown origin.\n'
-        f'If you trust where this file came from, either\n'
-        f'  * load it as trusted: trusted=True in Python, --trust-checkpoint on the command '
-        f'line, or\n'
-        f'  * convert it once to a weights-only copy (state_dict + plain meta) that loads '
-        f'safely:\n'
-        f'      python -m gfl_det.checkpoint convert {path} {out}')
+        f'refusing to load checkpoint {path!r}: torch.load(weights_only=True) found Python objects '
+        f'in it, not only tensors and plain containers ({_torch_reason(e)}). gfl_det never '
+        f'unpickles a checkpoint: unpickling runs whatever code the file names. Full training '
+        f'checkpoints of plain mmengine / MMDetection (message hub, numpy values) look like this; '
+        f'so does a file crafted to run code.\n'
+        f'Only if you trust where this file came from, convert it once -- this unpickles it '
+        f'(running its code) and writes a plain copy that keeps the weights and the resume '
+        f'state:\n'
+        f'    python -m gfl_det.checkpoint convert --trust {path} {out}\n'
+        f'and use {out} instead.')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,10 +278,8 @@ def _untrusted_message(path: str, e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 def split_checkpoint(ckpt: Any, source: str = '<checkpoint>') -> tuple[Mapping[str, Any], dict]:
     """``(state_dict, meta)`` from a raw state dict, an mmengine/mmdet checkpoint
-    (``{'state_dict', 'meta', ...}``), a ``{'model': state_dict}`` checkpoint (torchvision /
-    detectron2 style) or a pickled ``nn.Module``."""
-    if isinstance(ckpt, nn.Module):
-        return ckpt.state_dict(), {}
+    (``{'state_dict', 'meta', ...}``) or a ``{'model': state_dict}`` checkpoint (torchvision /
+    detectron2 style)."""
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f'{source}: expected a state dict or a dict with "state_dict", '
                               f'got {type(ckpt).__name__}')
@@ -248,8 +327,7 @@ def _classes_from_meta(meta: Mapping[str, Any]) -> Optional[tuple]:
 
 
 def load_weights(model: nn.Module, path_or_state: Union[PathLike, Mapping[str, Any]],
-                 strict: bool = True, map_location: Any = 'cpu', trusted: bool = False,
-                 logger: LogFn = None) -> dict:
+                 strict: bool = True, map_location: Any = 'cpu', logger: LogFn = None) -> dict:
     """Load weights into ``model`` and return the checkpoint's meta.
 
     Args:
@@ -258,10 +336,8 @@ def load_weights(model: nn.Module, path_or_state: Union[PathLike, Mapping[str, A
         strict: every key must match with the same shape (default). With ``strict=False``
             keys missing from the checkpoint keep the model's values, unexpected keys and keys
             whose shape differs are skipped, and all three are reported through ``logger``.
-        map_location: passed to ``torch.load``.
-        trusted: the file comes from a trusted source (our own work_dir, or the user said so
-            with ``--trust-checkpoint``): load it with ``weights_only=False``. Otherwise
-            ``weights_only=True`` and :class:`UntrustedCheckpointError` if that refuses it.
+        map_location: passed to ``torch.load`` (always ``weights_only=True``:
+            :class:`UntrustedCheckpointError` for a file holding Python objects).
         logger: ``logging.Logger`` or print-like callable for the report; ``None`` = this
             module's logger.
 
@@ -277,7 +353,7 @@ def load_weights(model: nn.Module, path_or_state: Union[PathLike, Mapping[str, A
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         source = os.fspath(path_or_state)
-        ckpt = load_checkpoint(source, map_location=map_location, trusted=trusted)
+        ckpt = load_untrusted(source, map_location=map_location)
         source = f'checkpoint {source!r}'
     else:
         source, ckpt = 'in-memory checkpoint', path_or_state
@@ -342,74 +418,78 @@ def _head(items: list, n: int = 10) -> str:
     return s + (f', ... ({len(items)} in all)' if len(items) > n else '')
 
 
+def trust_flag_removed(checkpoint: str) -> str:
+    """The tools' answer to the removed ``--trust-checkpoint`` flag."""
+    return (f'--trust-checkpoint was removed: gfl_det never unpickles a checkpoint. If you trust '
+            f'the source of {checkpoint}, convert it once (this unpickles it) and pass the copy:\n'
+            f'    python -m gfl_det.checkpoint convert --trust {checkpoint} OUT.pth')
+
+
 # ----------------------------------------------------------------------------------------------
-# conversion
+# conversion (the one place that unpickles, and only when told to)
 # ----------------------------------------------------------------------------------------------
-def _plain(x: Any) -> Any:
-    """Keep what weights_only=True can load: containers of str/int/float/bool/None/tensors.
-    numpy scalars become Python numbers, numpy arrays tensors; anything else is dropped
-    (returned as _DROP)."""
-    if x is None or type(x) in (bool, int, float, str) or isinstance(x, torch.Tensor):
-        return x
-    if type(x).__module__ == 'numpy':
-        if getattr(x, 'ndim', None) == 0 and hasattr(x, 'item'):
-            return _plain(x.item())  # numpy scalar (np.float64 subclasses float: not enough)
-        try:
-            return torch.from_numpy(x.copy())
-        except (TypeError, AttributeError):
-            return _DROP
-    for t in (bool, int, float, str):  # other subclasses (IntEnum, ...) -> the plain type
-        if isinstance(x, t):
-            return t(x)
-    if isinstance(x, Mapping):
-        out = {}
-        for k, v in x.items():
-            v = _plain(v)
-            if isinstance(k, (str, int)) and v is not _DROP:
-                out[k] = v
-        return out
-    if isinstance(x, (list, tuple, set, frozenset)):
-        items = [_plain(v) for v in x]
-        items = [v for v in items if v is not _DROP]
-        return tuple(items) if isinstance(x, tuple) else items
-    return _DROP
-
-
-_DROP = object()
-
-
-def convert_to_weights(src: PathLike, dst: PathLike) -> dict:
-    """Write a weights-only copy of a TRUSTED checkpoint: ``{'state_dict', 'meta'}`` with the
-    meta reduced to plain values (class names kept). The copy loads with weights_only=True.
-    Returns the new checkpoint."""
-    ckpt = load_trusted(src)
-    state_dict, meta = split_checkpoint(ckpt, f'checkpoint {os.fspath(src)!r}')
-    state_dict = _strip_module(state_dict)
-    out = {'state_dict': OrderedDict((k, v) for k, v in state_dict.items()
-                                     if isinstance(v, torch.Tensor)),
-           'meta': _plain(meta)}
+def convert_trusted(src: PathLike, dst: PathLike, logger: LogFn = None) -> tuple[dict, list]:
+    """Unpickle ``src`` (``weights_only=False``: RUNS ANY CODE THE FILE NAMES -- only for files
+    whose source you trust) and write a plain copy to ``dst`` (:func:`to_plain`): weights,
+    meta, message hub, optimizer, schedulers, ... -- everything a resume needs. What cannot be
+    stored as plain data is left out and listed. The copy is proved to load with
+    ``weights_only=True``. Returns ``(checkpoint written, paths left out)``."""
+    src = os.fspath(src)
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f'checkpoint not found: {src!r}')
+    try:
+        ckpt = torch.load(src, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f'checkpoint {src!r} could not be read ({type(e).__name__}: '
+                              f'{_first_line(e)}); it may be truncated or corrupt') from e
+    if isinstance(ckpt, nn.Module):
+        ckpt = {'state_dict': ckpt.state_dict()}
+    dropped: list = []
+    out = to_plain(ckpt, 'checkpoint', dropped)
+    if not isinstance(out, Mapping):
+        raise CheckpointError(f'{src!r} holds a {type(ckpt).__name__}, not a checkpoint dict')
+    split_checkpoint(out, f'checkpoint {src!r}')  # it must hold weights
     atomic_save(out, dst)
     load_untrusted(dst)  # prove it
-    return out
+    if dropped:
+        _log(logger, f'left out of {os.fspath(dst)} (not plain data): {_head(dropped)}')
+    return out, dropped
 
 
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog='python -m gfl_det.checkpoint',
                                 description='Checkpoint utilities.')
     sub = p.add_subparsers(dest='cmd', required=True)
-    c = sub.add_parser('convert', help='write a weights-only copy of a checkpoint you trust '
-                                       '(state_dict + plain meta) that loads with '
-                                       'weights_only=True')
+    c = sub.add_parser(
+        'convert', help='write a plain copy (loads with weights_only=True) of a pickled '
+                        'checkpoint you trust, e.g. a full training checkpoint of plain mmengine '
+                        '/ MMDetection, keeping the weights and the resume state')
     c.add_argument('src')
     c.add_argument('dst')
+    c.add_argument('--trust', action='store_true',
+                   help='unpickle SRC with weights_only=False. This RUNS ANY CODE SRC NAMES: '
+                        'give it only for a file whose source you trust. Without it nothing is '
+                        'unpickled.')
     args = p.parse_args(argv)
     try:
-        out = convert_to_weights(args.src, args.dst)
+        if not args.trust:
+            load_untrusted(args.src)
+            print(f'{args.src} already holds plain data only (it loads with weights_only=True): '
+                  'use it as it is; nothing written')
+            return 0
+        print(f'unpickling {args.src} with weights_only=False (--trust): any code it names runs '
+              'now', file=sys.stderr)
+        out, dropped = convert_trusted(args.src, args.dst, logger=lambda m: None)
+    except UntrustedCheckpointError as e:  # without --trust
+        print(f'error: {e}\n(convert unpickles only with --trust)', file=sys.stderr)
+        return 2
     except (CheckpointError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(f'wrote {args.dst}: {len(out["state_dict"])} tensors, meta keys '
-          f'{sorted(out["meta"])}')
+    print(f'wrote {args.dst}: plain data only (loads with weights_only=True); top-level keys '
+          f'{sorted(map(str, out))}, {len(split_checkpoint(out)[0])} weights')
+    if dropped:
+        print(f'left out (not plain data): {_head(dropped)}', file=sys.stderr)
     return 0
 
 

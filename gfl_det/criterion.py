@@ -33,7 +33,6 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .assigner import atss_assign
@@ -41,7 +40,7 @@ from .boxes import aligned_iou, bbox2distance, distance2bbox
 from .config_check import check_keys, pop_type
 from .host import host_tensor
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
-from .postprocess import flatten_cls, flatten_reg, integral
+from .postprocess import flatten_reg, integral
 from .priors import Priors, make_priors
 from .structures import HeadOutputs, Targets
 
@@ -83,6 +82,12 @@ def reduce_mean(x: Tensor) -> Tensor:
         x = x.detach().clone()
         dist.all_reduce(x.div_(dist.get_world_size()))
     return x
+
+
+def class_logits(outputs: HeadOutputs) -> Tensor:
+    """(B, C, A): the levels' class maps side by side, one concatenation of views (QFL is a sum
+    over every (prior, class): no need for the (B, A, C) order, nor for its copy)."""
+    return torch.cat([c.flatten(2) for c in outputs.cls], 2)
 
 
 # An extra loss term: (outputs, targets, prior targets, positives) -> {name: loss}. It owns its
@@ -192,17 +197,16 @@ class GFLCriterion(nn.Module):
         """Step 4: decode every prior's box (in stride units, as mmdet), the IoU with its gt (the
         QFL target) and the box terms' weight w = max_c sigmoid(cls logit), at positives."""
         R = self.reg_max
-        reg = flatten_reg(outputs.reg, R).float()  # (B, A, 4, R+1)
-        stride = t.priors.strides[:, None]  # (A, 1)
-        centres = t.priors.points / stride  # (A, 2)
+        reg = flatten_reg(outputs.reg, R).float().contiguous()  # (B, A, 4, R+1)
+        centres = t.priors.centres  # (A, 2) prior points / stride
         pred = distance2bbox(centres, integral(reg))  # (B, A, 4)
         # negatives get a finite stand-in target (a 2x2 box at the prior) so that their masked-out
         # GIoU / DFL never produce NaN, whose gradient would leak through the mask
         stand_in = torch.cat([centres - 1, centres + 1], -1)  # (A, 4)
-        tgt = torch.where(t.pos[..., None], t.boxes / stride, stand_in)  # (B, A, 4)
+        tgt = torch.where(t.pos[..., None], t.boxes / t.priors.strides[:, None], stand_in)  # (B, A, 4)
         with torch.no_grad():
-            quality = torch.where(t.pos, aligned_iou(pred.detach(), tgt), 0.0)  # (B, A)
-            best_logit = torch.cat([c.detach().float().amax(1).flatten(1) for c in outputs.cls], 1)  # (B, A)
+            quality = torch.where(t.pos, aligned_iou(pred, tgt), 0.0)  # (B, A)
+            best_logit = class_logits(outputs).amax(1).float()  # (B, A)
             weight = torch.where(t.pos, best_logit.sigmoid(), 0.0)  # (B, A)
         return Positives(reg, pred, tgt, centres, quality, weight)
 
@@ -212,9 +216,10 @@ class GFLCriterion(nn.Module):
             from .fast.qfl import fused_qfl_sum
             loss_cls = fused_qfl_sum(outputs.cls, t.valid, t.labels, p.quality)
         else:
-            cls = flatten_cls(outputs.cls).float()  # (B, A, C)
-            score = F.one_hot(t.labels, self.num_classes + 1)[..., :-1] * p.quality[..., None]  # (B, A, C)
-            loss_cls = (quality_focal_loss(cls, score, self.beta).sum(-1) * t.valid).sum()
+            cls = class_logits(outputs).float()  # (B, C, A)
+            classes = torch.arange(self.num_classes, device=cls.device)[:, None]  # (C, 1)
+            score = torch.where(t.labels[:, None] == classes, p.quality[:, None], 0.0)  # (B, C, A)
+            loss_cls = (quality_focal_loss(cls, score, self.beta) * t.valid[:, None]).sum()
         giou = giou_loss(p.pred_boxes, p.target_boxes, eps=self.giou_eps)  # (B, A)
         edges = bbox2distance(p.centres, p.target_boxes, self.reg_max, eps=0.1)  # (B, A, 4) in [0, R)
         dfl = distribution_focal_loss(p.reg, edges).sum(-1)  # (B, A) over the 4 edges

@@ -24,6 +24,9 @@ Deviations from MMDetection 3.x ``CocoMetric`` (flagged as the design guide asks
   line with no metrics.
 * ``CocoEvaluator`` evaluates on the images it was given (``process``) like mmdet 2.x
   (``params.imgIds = dataset img_ids``); images that failed to load are excluded and reported.
+* The ground truth read from a file is cleaned as training cleans it (:func:`load_coco_gt`):
+  boxes the loader rejects are not scored, boxes crossing the border are scored clipped (mmdet
+  scores the raw JSON). On valid COCO annotations nothing changes.
 """
 
 from __future__ import annotations
@@ -119,61 +122,50 @@ def _to_numpy(x: Any) -> np.ndarray:
 # loading
 # ----------------------------------------------------------------------------------------------
 def load_coco_gt(coco_gt: Union[COCO, str, os.PathLike], logger: LogFn = None) -> COCO:
-    """A pycocotools COCO from a COCO object or an annotation-file path (clear errors).
+    """A pycocotools COCO from a COCO object (used as it is) or an annotation-file path.
 
-    Ground-truth annotations that pycocotools cannot evaluate at all -- ``bbox`` not a list of
-    4 numbers, or no ``image_id`` / ``category_id`` (COCOeval raises deep inside on those) --
-    are left out of a file that is read here, with a warning naming them; everything else
-    (boxes of zero size, NaN coordinates, unknown ids, ...) is kept exactly as pycocotools
-    would evaluate it. Missing ``area`` / ``iscrowd`` fields (COCOeval needs both) are filled
-    with ``w * h`` and 0, with a warning. ``tools/check_dataset.py`` reports all of them.
+    A file read here is cleaned exactly as training cleans it
+    (:func:`gfl_det.data.groundtruth.clean_coco_gt`): boxes the dataset rejects -- NaN,
+    malformed, zero or negative size, tiny, zero area, unknown image or category, outside or
+    mostly outside the image -- are not scored, boxes crossing the border are scored clipped,
+    crowd boxes stay ignore regions. The difference from the raw JSON is logged (annotation
+    ids and why), so is a missing ``area`` / ``iscrowd`` (filled as the box's area and 0), and a
+    ground truth with no box at all (every metric would be -1). ``tools/check_dataset.py``
+    reports the same cases by file.
     """
     if isinstance(coco_gt, COCO):
         return coco_gt
+    from .data.groundtruth import clean_coco_gt
+    from .data.validation import check_coco_structure
     path = os.fspath(coco_gt)
     data = _read_json(path, 'annotation file')
     if not isinstance(data, dict) or 'images' not in data or 'categories' not in data:
         raise ValueError(f'annotation file {path!r} is not a COCO instances file '
                          f'(needs a JSON object with "images" and "categories")')
-    anns = data.get('annotations')
-    if isinstance(anns, list):
-        ok = [_evaluable_gt(a) for a in anns]
-        bad = [a for a, k in zip(anns, ok) if not k]
-        if bad:
-            data = dict(data, annotations=[a for a, k in zip(anns, ok) if k])
-            _log(logger, f'annotation file {path}: {len(bad)} ground-truth annotation(s) '
-                 'pycocotools cannot evaluate (bbox not 4 numbers, or no image_id / '
-                 'category_id) are left out of the evaluation: annotation ids '
-                 f'{_head([a.get("id", "?") if isinstance(a, Mapping) else "?" for a in bad])}; '
-                 f'fix them (tools/check_dataset.py {path} IMG_DIR lists every problem)',
-                 logging.WARNING)
-        # COCOeval reads 'area' and 'iscrowd' of every GT box: fill them where absent (area
-        # w * h, as pycocotools' loadRes does for detections; iscrowd 0)
-        anns = data['annotations']
-        lacking = [i for i, a in enumerate(anns) if 'area' not in a or 'iscrowd' not in a]
-        if lacking:
-            anns = list(anns)
-            for i in lacking:
-                a = anns[i]
-                anns[i] = dict(a, area=a.get('area', float(a['bbox'][2]) * float(a['bbox'][3])),
-                               iscrowd=a.get('iscrowd', 0))
-            data = dict(data, annotations=anns)
-            _log(logger, f'annotation file {path}: {len(lacking)} ground-truth annotation(s) '
-                 "without 'area' or 'iscrowd': evaluated with area = w * h, iscrowd = 0",
-                 logging.WARNING)
+    check_coco_structure(data, path)
+    anns = data.get('annotations') or []
+    lacking = sum(1 for a in anns if isinstance(a, Mapping) and ('area' not in a or 'iscrowd' not in a))
+    data, info = clean_coco_gt(data)
+    if info['left_out'] or info['clipped']:
+        _log(logger, f'ground truth {path}: {info["num_scored"]} box(es) scored of '
+             f'{info["num_json"]} annotation(s) in the JSON, cleaned as training cleans them: '
+             f'{len(info["left_out"])} left out of the evaluation: annotation ids '
+             f'{_head(info["left_out"])}; {len(info["clipped"])} scored clipped to their image'
+             + (f': annotation ids {_head(info["clipped"])}' if info['clipped'] else '')
+             + f'. Why (tools/check_dataset.py {path} IMG_DIR lists every problem):\n'
+             + '\n'.join(info['report'].lines()), logging.WARNING)
+    if lacking:
+        _log(logger, f'annotation file {path}: {lacking} ground-truth annotation(s) '
+             "without 'area' or 'iscrowd': evaluated with area = w * h, iscrowd = 0",
+             logging.WARNING)
+    if not info['num_scored']:
+        _log(logger, f'ground truth {path}: no box to score ({info["num_json"]} annotation(s) in '
+             'the JSON, none usable): every COCO metric will be -1 (undefined)', logging.WARNING)
     gt = COCO()
     gt.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
-
-
-def _evaluable_gt(a: Any) -> bool:
-    if not isinstance(a, Mapping) or 'image_id' not in a or 'category_id' not in a:
-        return False
-    bbox = a.get('bbox')
-    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
-            and all(isinstance(v, numbers.Real) for v in bbox))
 
 
 def load_results(results: Union[str, os.PathLike, Sequence[Mapping]]) -> list[dict]:
@@ -327,6 +319,9 @@ def coco_evaluate(coco_gt: Union[COCO, str, os.PathLike],
     if failed_images:
         _log(logger, f'{len(failed_images)} image(s) failed to load and are NOT in this '
                      f'evaluation: {_head(failed_images)}', logging.WARNING)
+    if stats[0] == -1:
+        _log(logger, f'no ground-truth box in the {num_images} evaluated image(s): every metric '
+                     'is -1 (undefined), not a score', logging.WARNING)
     _log(logger, f'COCO bbox evaluation on {num_images} images, {len(dets)} detections:\n'
                  + summary)
     if classwise:

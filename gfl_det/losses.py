@@ -18,6 +18,7 @@ place, :class:`gfl_det.criterion.GFLCriterion`.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,11 +40,9 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     """
     log_s = F.log_softmax(logits, dim=-1)
     i = target.long()  # the bin left of the target
-    w_left = (i + 1).to(target.dtype) - target
-    w_right = target - i.to(target.dtype)
-    ce_left = -log_s.gather(-1, i[..., None]).squeeze(-1)
-    ce_right = -log_s.gather(-1, (i + 1)[..., None]).squeeze(-1)
-    return ce_left * w_left + ce_right * w_right
+    bins = torch.stack([i, i + 1], -1)  # (..., 2): the two bins around the target
+    weights = torch.stack([(i + 1).to(target.dtype) - target, target - i.to(target.dtype)], -1)  # distance to the other
+    return -(log_s.gather(-1, bins) * weights).sum(-1)
 
 
 def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:

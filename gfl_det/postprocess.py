@@ -20,16 +20,18 @@ import torchvision
 from torch import Tensor
 
 from .boxes import distance2bbox
+from .priors import Priors
 
 
 def flatten_cls(cls_scores: list[Tensor]) -> Tensor:
-    """[(B, C, H_l, W_l)] -> (B, A, C)."""
-    return torch.cat([c.permute(0, 2, 3, 1).reshape(c.shape[0], -1, c.shape[1]) for c in cls_scores], 1)
+    """[(B, C, H_l, W_l)] -> (B, A, C) (one concatenation, transposed into a contiguous tensor)."""
+    return torch.cat([c.flatten(2) for c in cls_scores], 2).transpose(1, 2).contiguous()
 
 
 def flatten_reg(bbox_preds: list[Tensor], reg_max: int) -> Tensor:
-    """[(B, 4(R+1), H_l, W_l)] -> (B, A, 4, R + 1)."""
-    return torch.cat([r.permute(0, 2, 3, 1).reshape(r.shape[0], -1, 4, reg_max + 1) for r in bbox_preds], 1)
+    """[(B, 4(R+1), H_l, W_l)] -> (B, A, 4, R + 1): a permuted view of one concatenation (index it,
+    or make it contiguous before elementwise work: its last dimension has stride A)."""
+    return torch.cat([r.flatten(2) for r in bbox_preds], 2).unflatten(1, (4, reg_max + 1)).permute(0, 3, 1, 2)
 
 
 def gather_prior_rows(levels: Sequence[Tensor], b: Tensor, a: Tensor) -> Tensor:
@@ -58,15 +60,15 @@ def integral(logits: Tensor) -> Tensor:
     return torch.nn.functional.linear(logits.float().softmax(-1), bins)
 
 
-def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], points: list[Tensor], strides: list[int],
-                img_shapes: Tensor, scale_factors: Tensor | None, *, nms_pre: int = 1000,
-                score_thr: float = 0.05, iou_threshold: float = 0.6, max_per_img: int = 100,
+def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], priors: Priors, img_shapes: Tensor,
+                scale_factors: Tensor | None, *, nms_pre: int = 1000, score_thr: float = 0.05,
+                iou_threshold: float = 0.6, max_per_img: int = 100,
                 min_bbox_size: float = 0.0) -> list[dict[str, Tensor]]:
     """Detections for a batch.
 
     Args:
         cls_scores / bbox_preds: head outputs per level.
-        points: per level (A_l, 2) prior points.
+        priors: the priors of the levels' maps (:func:`gfl_det.priors.make_priors`).
         img_shapes: (B, 2) (h, w) to clip to.
         scale_factors: (B, 2) (w_scale, h_scale) to undo (None: stay in input coordinates).
     Returns: per image {'bboxes' (k, 4), 'scores' (k,), 'labels' (k,), 'prior_idx' (k,)}, best
@@ -75,34 +77,27 @@ def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], points: list
     """
     B, C = cls_scores[0].shape[:2]
     R = bbox_preds[0].shape[1] // 4 - 1
-    all_boxes, all_scores, all_labels, all_priors = [], [], [], []
-    start = 0
-    for cls, reg, pts, s in zip(cls_scores, bbox_preds, points, strides):
-        scores = cls.permute(0, 2, 3, 1).reshape(B, -1).float().sigmoid()  # (B, A_l * C)
-        k = min(nms_pre, scores.shape[1])
-        top, ti = scores.topk(k, dim=1)  # (B, k) best first
-        prior = ti // C
-        labels = ti % C
-        reg = reg.permute(0, 2, 3, 1).reshape(B, -1, 4, R + 1)
-        logits = reg.gather(1, prior[..., None, None].expand(-1, -1, 4, R + 1))  # (B, k, 4, R+1)
-        dist = integral(logits) * s
-        boxes = distance2bbox(pts[prior], dist, img_shapes[:, None, :])
-        all_boxes.append(boxes)
-        all_scores.append(torch.where(top > score_thr, top, torch.full_like(top, -1.0)))
-        all_labels.append(labels)
-        all_priors.append(prior + start)
-        start += pts.shape[0]
-    boxes = torch.cat(all_boxes, 1)  # (B, N, 4)
-    scores = torch.cat(all_scores, 1)
-    labels = torch.cat(all_labels, 1)
-    priors = torch.cat(all_priors, 1)
+    scores = flatten_cls(cls_scores).float().sigmoid()  # (B, A, C)
+    # per level (mmdet's nms_pre is per level) the best (prior, class) pairs, best first
+    tops, flat, start = [], [], 0
+    for n in priors.num_level:
+        top, ti = scores[:, start:start + n].flatten(1).topk(min(nms_pre, n * C), dim=1)  # (B, k_l)
+        tops.append(top)
+        flat.append(ti + start * C)
+        start += n
+    top, flat = torch.cat(tops, 1), torch.cat(flat, 1)  # (B, N) every level's candidates
+    prior, labels = flat // C, flat % C  # (B, N) the prior among all A, its class
+    logits = flatten_reg(bbox_preds, R)[torch.arange(B, device=prior.device)[:, None], prior]  # (B, N, 4, R+1)
+    dist = integral(logits) * priors.strides[prior, None]  # (B, N, 4) in input pixels
+    boxes = distance2bbox(priors.points[prior], dist, img_shapes[:, None, :])  # (B, N, 4)
+    scores = torch.where(top > score_thr, top, -1.0)
     if scale_factors is not None:
         # mmdet multiplies by the reciprocal of the scale factor (computed in double)
         inv = (1.0 / scale_factors.double()).float().to(boxes.device)
         boxes = boxes * torch.cat([inv, inv], 1)[:, None, :]
     wh = boxes[..., 2:] - boxes[..., :2]
     keep = (scores > score_thr) & (wh > min_bbox_size).all(-1)
-    return batched_class_nms(boxes, scores, labels, priors, keep, C, iou_threshold, max_per_img)
+    return batched_class_nms(boxes, scores, labels, prior, keep, C, iou_threshold, max_per_img)
 
 
 def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Tensor, keep: Tensor,
@@ -110,10 +105,9 @@ def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Ten
     """One NMS call for the whole batch: per (image, class) groups via an exact float64 offset.
     boxes (B, N, 4), scores / labels / priors / keep (B, N)."""
     B, N = scores.shape
-    img = torch.arange(B, device=boxes.device)[:, None].expand(B, N)
     sel = keep.flatten().nonzero().squeeze(1)  # the one host sync of post-processing
-    b, s, l, im = boxes.reshape(-1, 4)[sel], scores.flatten()[sel], labels.flatten()[sel], img.flatten()[sel]
-    p = priors.flatten()[sel]
+    b, s, l, p = boxes.reshape(-1, 4)[sel], scores.flatten()[sel], labels.flatten()[sel], priors.flatten()[sel]
+    im = sel // N  # each candidate's image
     if sel.numel():
         bd = b.double()
         group = (im * num_classes + l).double()

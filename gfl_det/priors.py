@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .host import host_tensor
 
 
 @dataclass
@@ -23,11 +22,24 @@ class Priors:
     level_sizes: list[tuple[int, int]]  # [(H_l, W_l)]
     level_strides: list[int]
     num_level: list[int]    # [A_l]
+    # the same, as tensors made once per shape (make_priors caches them), so that the criterion
+    # and ATSS work on every level at once
+    centres: Tensor = None      # (A, 2) points in units of their stride (the grid's (col, row))
+    level: Tensor = None        # (A,) long: the level of each prior
+    level_hw: Tensor = None     # (L, 2) long: (H_l, W_l)
+    level_stride: Tensor = None  # (L,) long
+    level_start: Tensor = None  # (L,) long: index of the level's first prior
 
     def boxes(self, octave_base_scale: float = 8.0) -> Tensor:
         """(A, 4) ATSS anchor squares of side octave_base_scale * stride."""
         half = self.strides[:, None] * (octave_base_scale / 2)
         return torch.cat([self.points - half, self.points + half], 1)
+
+    def valid_extent(self, pad_shapes: Tensor) -> Tensor:
+        """(B, L, 2) long: the valid (rows, cols) of every level for every image, from its own
+        padded shape (pad_shapes (B, 2) = h, w): ceil(pad / stride), at most the map's size."""
+        s = self.level_stride[:, None]  # (L, 1)
+        return torch.minimum((pad_shapes.long()[:, None, :] + s - 1) // s, self.level_hw)
 
     def valid_mask(self, pad_shapes: Tensor) -> Tensor:
         """(B, A) bool: prior lies inside the image's own padded shape (pad_shapes (B, 2) = h, w).
@@ -35,23 +47,12 @@ class Priors:
         A row i is valid iff i < ceil(pad_h / s) (and likewise for columns), as mmdet's
         ``valid_flags``: priors beyond an image's own pad_shape (in the batch padding) are ignored.
         """
-        rows, cols = self.valid_rows_cols(pad_shapes)  # (B, L) each
-        out = []
-        for l, (h, w) in enumerate(self.level_sizes):
-            dev = pad_shapes.device
-            r = torch.arange(h, device=dev)[None, :, None] < rows[:, l, None, None]
-            c = torch.arange(w, device=dev)[None, None, :] < cols[:, l, None, None]
-            out.append((r & c).flatten(1))
-        return torch.cat(out, 1)
+        extent = self.valid_extent(pad_shapes)[:, self.level]  # (B, A, 2) rows, cols of the prior's level
+        return (self.centres.flip(-1) < extent).all(-1)  # (row, col) inside
 
     def valid_rows_cols(self, pad_shapes: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L) number of valid rows and columns of every level for every image."""
-        s = host_tensor(self.level_strides, pad_shapes.device, torch.long)
-        hw = host_tensor(self.level_sizes, pad_shapes.device, torch.long)  # (L, 2)
-        ps = pad_shapes.long()
-        rows = torch.minimum((ps[:, 0:1] + s - 1) // s, hw[:, 0])
-        cols = torch.minimum((ps[:, 1:2] + s - 1) // s, hw[:, 1])
-        return rows, cols
+        return self.valid_extent(pad_shapes).unbind(-1)
 
 
 _CACHE: dict = {}
@@ -71,8 +72,17 @@ def make_priors(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int],
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         pts.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1))
         st.append(torch.full((h * w,), float(s), device=device, dtype=dtype))
-    pri = Priors(torch.cat(pts), torch.cat(st), [tuple(x) for x in feat_sizes], list(strides),
-                 [h * w for h, w in feat_sizes])
+    sizes = [tuple(x) for x in feat_sizes]
+    counts = [h * w for h, w in sizes]
+    points, strides_a = torch.cat(pts), torch.cat(st)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    pri = Priors(points, strides_a, sizes, list(strides), counts,
+                 centres=points / strides_a[:, None],
+                 level=torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                               torch.tensor(counts, device=device)),
+                 level_hw=torch.tensor(sizes, dtype=torch.long, device=device).reshape(-1, 2),
+                 level_stride=torch.tensor(list(strides), dtype=torch.long, device=device),
+                 level_start=torch.tensor(starts, dtype=torch.long, device=device))
     if len(_CACHE) > 64:
         _CACHE.clear()
     _CACHE[key] = pri

@@ -14,12 +14,13 @@ truncated.jpg          JPEG cut in half                       corrupt_image, ide
 wrong_size.jpg         JSON says another size                 size_mismatch, idem
 image id 9001          entry without a file name              bad_image_entry
 box_outside.jpg        box entirely right of the image        outside_image
+box_huge.jpg           [-1e30, -1e30, 2e30, 2e30]             mostly_outside (not clipped)
 box_clipped.jpg        box across the border                  clipped (kept, clipped)
 box_zero_w.jpg         w = 0                                  nonpositive_size
 box_neg_h.jpg          h < 0                                  nonpositive_size
 box_nan.jpg            NaN x                                  nan_bbox
 box_malformed.jpg      3 numbers                              malformed_bbox
-box_unknown_cat.jpg    category 999                           unknown_category
+box_unknown_cat.jpg    category 999                           unknown_category (id named)
 box_tiny.jpg           0.5 px wide                            tiny_box
 box_zero_area.jpg      area 0                                 zero_area
 annotation id 777      image_id 4242 (no such image)          unknown_image
@@ -29,7 +30,9 @@ small.jpg              20 x 20 px                             too_small (trainin
 
 Every box-problem image also keeps its good boxes, so it stays in training. The model never
 sees a bad box or a bad image, training finishes with finite losses, and validation scores the
-images that loaded while counting the four that did not.
+images that loaded while counting the four that did not. Training and evaluation clean the
+ground truth alike: the boxes the loader keeps, given back as predictions, score AP 1.0 on
+every case.
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ IMAGE_CASES = {'missing.jpg': 'missing_image', 'corrupt.jpg': 'corrupt_image',
                'truncated.jpg': 'corrupt_image', 'wrong_size.jpg': 'size_mismatch'}
 BOX_CASES = {  # file -> (reason, a bad annotation's fields given the image's (w, h))
     'box_outside.jpg': ('outside_image', lambda w, h: dict(bbox=[w + 5, 2, 10, 10])),
-    'box_clipped.jpg': ('clipped', lambda w, h: dict(bbox=[w - 10, 5, 30, 20])),
+    'box_huge.jpg': ('mostly_outside', lambda w, h: dict(bbox=[-1e30, -1e30, 2e30, 2e30])),
+    'box_clipped.jpg': ('clipped', lambda w, h: dict(bbox=[w - 20, 5, 30, 20])),
     'box_zero_w.jpg': ('nonpositive_size', lambda w, h: dict(bbox=[5, 5, 0, 10])),
     'box_neg_h.jpg': ('nonpositive_size', lambda w, h: dict(bbox=[5, 5, 10, -4])),
     'box_nan.jpg': ('nan_bbox', lambda w, h: dict(bbox=[float('nan'), 5, 10, 10])),
@@ -153,8 +157,56 @@ def test_check_dataset_lists_every_case(corpus, capsys):
         line = report_line(out, reason)
         assert all(n in line for n in names), (reason, line)
         assert f'{reason}: {len(names)} (' in line, line
-    # the fix is printed with every error
+    # the fix is printed with every error; the unknown category is named by its id
     assert 'fix: check the image folder' in report_line(out, 'missing_image')
+    assert 'box_unknown_cat.jpg (category_id 999)' in report_line(out, 'unknown_category')
+
+
+def test_the_datasets_own_boxes_score_ap_1_on_every_case(corpus):
+    """One cleaning of the ground truth: what the loader keeps (clipped where it clips), given
+    back as predictions, is exactly what evaluation scores -- AP 1.0 overall and on each case's
+    image. Scored against the raw JSON the same predictions lose AP (the rejected boxes count as
+    missed, the clipped one matches its raw box at IoU < 0.95)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from gfl_det.data import CocoDataset
+    from gfl_det.evaluation import CocoEvaluator, coco_evaluate
+    ds = CocoDataset(corpus['ann_file'], corpus['img_dir'], test_mode=True, on_bad_image='skip',
+                     check_images='none')
+    preds, metas = [], []
+    for i in range(len(ds)):
+        info = ds.get_ann_info(i)
+        preds.append({'bboxes': info['boxes'], 'scores': np.ones(len(info['boxes'])),
+                      'labels': info['labels']})
+        metas.append({'img_id': info['img_id'], 'file_name': info['file_name']})
+    logs = []
+    ev = CocoEvaluator(str(corpus['ann_file']), cat_ids=ds.cat_ids, logger=logs.append)
+    ev.process(preds, metas)
+    assert ev.evaluate()['bbox_mAP'] == pytest.approx(1.0, abs=1e-12)
+    ids = {m['file_name']: m['img_id'] for m in metas}
+    for name in [*BOX_CASES, *IMAGE_CASES]:
+        one = coco_evaluate(ev.coco_gt, ev.results, img_ids=[ids[name]], classwise=False)
+        assert one['bbox_mAP'] == pytest.approx(1.0, abs=1e-12), name
+    # the difference from the raw JSON is reported, by annotation id and reason
+    text = '\n'.join(map(str, logs))
+    assert 'left out of the evaluation: annotation ids' in text and '1 scored clipped' in text
+    for reason in ('nan_bbox', 'nonpositive_size', 'mostly_outside', 'unknown_category'):
+        assert f'] {reason}: ' in text, reason
+    # control: the raw JSON (minus the malformed box, which pycocotools cannot even read)
+    raw = dict(corpus['data'], annotations=[a for a in corpus['data']['annotations']
+                                            if len(a['bbox']) == 4])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = raw
+        gt.createIndex()
+        e = COCOeval(gt, gt.loadRes([dict(r) for r in ev.results]), 'bbox')
+        e.params.imgIds = sorted(ev.img_ids)
+        e.evaluate(), e.accumulate(), e.summarize()
+    assert e.stats[0] < 0.99
 
 
 @pytest.fixture(scope='module')
@@ -221,10 +273,12 @@ def test_validation_counts_the_images_that_failed_and_scores_the_rest(trained, c
     # (mmengine's logger shows a repeated warning once: the 2nd epoch's is filtered)
     assert ('4 image(s) failed to load and are NOT in this evaluation: '
             + ', '.join(FAILED_IN_EVAL)) in log, log[-4000:]
-    # the malformed GT box (pycocotools cannot take it) is left out of scoring, by id
+    # the GT is cleaned as training cleans it: the malformed box (pycocotools cannot take it)
+    # and the others the loader rejects are left out of scoring, by id
     bad_id = next(a['id'] for a in corpus['data']['annotations']
                   if isinstance(a.get('bbox'), list) and len(a['bbox']) == 3)
-    assert f'left out of the evaluation: annotation ids {bad_id};' in log
+    line = re.search(r'left out of the evaluation: annotation ids ([^;]*);', log)
+    assert line and str(bad_id) in line.group(1).split(', '), log[-4000:]
 
 
 def test_test_tool_names_the_bad_images_and_the_fix_by_default(trained, capsys):
@@ -238,6 +292,24 @@ def test_test_tool_names_the_bad_images_and_the_fix_by_default(trained, capsys):
     assert 'missing.jpg' in err and "on_bad_image='skip'" in err
 
 
+def test_test_tool_on_ground_truth_without_annotations_is_an_error(corpus, trained, tmp_path,
+                                                                    capsys):
+    """A JSON with images but no annotations: check_dataset says so (not OK), and test.py
+    stops with an error instead of printing every metric as -1 and exiting 0."""
+    empty = tmp_path / 'no_annotations.json'
+    empty.write_text(json.dumps(dict(corpus['data'], annotations=[])))
+    rc = load_tool('check_dataset').main([str(empty), str(corpus['img_dir']), '--level', 'exists'])
+    out = capsys.readouterr().out
+    assert rc == 1 and '[error] no_annotations: 1' in out and ': OK' not in out, out
+    ckpt = trained['work'] / 'epoch_2.pth'
+    rc = load_tool('test').main([str(trained['cfg']), str(ckpt), '--work-dir',
+                                 str(tmp_path / 'w'), '--cfg-options',
+                                 f'test_dataloader.dataset.ann_file={empty}',
+                                 f'test_evaluator.ann_file={empty}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'error: nothing was scored' in err and str(empty) in err, err[-3000:]
+
+
 def test_test_tool_with_a_model_that_detects_nothing_gives_ap_zero(trained):
     ckpt = trained['work'] / 'epoch_2.pth'
     work = trained['work'] / 'test_none'
@@ -248,3 +320,47 @@ def test_test_tool_with_a_model_that_detects_nothing_gives_ap_zero(trained):
     m = re.search(r'test: coco/bbox_mAP: ([\d.-]+)', log)
     assert m and float(m.group(1)) == 0.0, log[-3000:]
     assert 'coco/failed_images: 4.0000' in log
+
+
+def test_bad_image_with_raise_in_a_worker_is_one_clean_error(trained, capsys):
+    """on_bad_image='raise' with a DataLoader worker: the same one-line ``error:`` (exit 2)
+    as without workers, naming the file and the fix -- not torch's 'Caught BadImageError in
+    DataLoader worker process 0' with a traceback."""
+    ckpt = trained['work'] / 'epoch_2.pth'
+    rc = load_tool('test').main([str(trained['cfg']), str(ckpt), '--work-dir',
+                                 str(trained['work'] / 'test_raise_worker'), '--cfg-options',
+                                 'test_dataloader.num_workers=1',
+                                 'test_dataloader.persistent_workers=False',
+                                 'test_dataloader.dataset.on_bad_image=raise',
+                                 'test_dataloader.dataset.check_images=none'])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith('error: ')]
+    assert len(line) == 1, err[-3000:]
+    assert re.match(r'error: (missing image|corrupt image|size mismatch): \S+\.jpg .*fix: .*'
+                    r'\(in DataLoader worker process 0\)$', line[0]), line[0]
+    assert 'Traceback' not in err and 'Caught' not in err
+
+
+def test_training_console_names_each_problem_once(trained, tmp_path):
+    """tools/train.py with a worker process, as a user sees it (stdout + stderr): each bad
+    image replaced is named once (the iteration's warning; no bare line from the worker), the
+    load-time problems once per dataset, no libjpeg noise."""
+    import os
+    import subprocess
+    import sys
+
+    from test_engine_e2e import ROOT
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    p = subprocess.run([sys.executable, 'tools/train.py', str(trained['cfg']), '--work-dir',
+                        str(tmp_path / 'w'), '--cfg-options', 'train_cfg.max_epochs=1',
+                        'train_dataloader.num_workers=1', 'val_dataloader.num_workers=1'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert 'bad image skipped in training' not in out and 'image file(s) skipped' not in out
+    assert 'Premature end of JPEG' not in out
+    for name in ('corrupt.jpg', 'truncated.jpg', 'wrong_size.jpg'):
+        named = [x for x in out.splitlines() if name in x and 'replaced by other images' in x]
+        assert len(named) == 1, (name, named)
+    assert len(re.findall(r'^\[error\] nan_bbox: 1 \(box_nan\.jpg\)', out, re.M)) == 4, out[-5000:]

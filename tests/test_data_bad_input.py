@@ -10,7 +10,7 @@ import pytest
 
 from gfl_det.data import (BadImageError, CocoDataset, DatasetError, SkipReport,
                           build_dataloader)
-from gfl_det.data.validation import check_dataset
+from gfl_det.data.groundtruth import check_dataset
 
 REPO = Path(__file__).parents[1]
 NO_RESIZE = dict(scale=None, flip_prob=0)
@@ -84,13 +84,16 @@ def test_duplicate_image_ids(tmp_path):
 
 
 # ------------------------------------------------------------------ boxes: counted skips
-def test_box_outside_image_is_clipped_and_counted(tmp_path):
-    ann_file, img_dir = make(tmp_path, anns=box_anns([50, 30, 20, 20], [-5, -5, 10, 10],
-                                                     [70, 5, 10, 10]))
+def test_box_across_the_border_is_clipped_mostly_outside_is_invalid(tmp_path):
+    ann_file, img_dir = make(tmp_path, anns=box_anns(
+        [45, 30, 20, 12], [-2, -2, 10, 10],        # most of it inside the 60x40 image: clipped
+        [50, 30, 20, 20], [-1e30, -1e30, 2e30, 2e30],  # a quarter / a speck inside: invalid
+        [70, 5, 10, 10]))                           # entirely right of the image
     ds = CocoDataset(ann_file, img_dir, NO_RESIZE)
     assert ds.skipped['clipped'] == 2 and ds.skipped.files('clipped') == ['0.jpg']
-    assert ds.skipped['outside_image'] == 1             # entirely right of the 60 px image
-    np.testing.assert_allclose(ds.get_ann_info(0)['boxes'], [[50, 30, 60, 40], [0, 0, 5, 5]])
+    assert ds.skipped['mostly_outside'] == 2 and 'mostly_outside' in ds.skipped.errors
+    assert ds.skipped['outside_image'] == 1
+    np.testing.assert_allclose(ds.get_ann_info(0)['boxes'], [[45, 30, 60, 40], [0, 0, 8, 8]])
 
 
 @pytest.mark.parametrize('bbox', [[5, 5, 0, 10], [5, 5, 10, -3], [5, 5, -1, -1]])
@@ -123,7 +126,8 @@ def test_malformed_bbox_is_skipped(tmp_path):
 def test_unknown_category_is_skipped(tmp_path):
     ann_file, img_dir = make(tmp_path, anns=box_anns([1, 1, 10, 10], cat=7))
     ds = CocoDataset(ann_file, img_dir, NO_RESIZE)
-    assert ds.skipped['unknown_category'] == 1 and ds.skipped.files('unknown_category') == ['0.jpg']
+    assert ds.skipped['unknown_category'] == 1
+    assert ds.skipped.files('unknown_category') == ['0.jpg (category_id 7)']  # the id, named
     assert ds.skipped['no_boxes'] == 1 and len(ds) == 3       # image 1 has nothing left
 
 
@@ -260,7 +264,7 @@ def run_tool(capsys, *argv):
 
 
 def test_check_dataset_reports_everything_in_one_pass(tmp_path, capsys):
-    anns = box_anns([5, 5, 0, 10], [float('nan'), 1, 2, 2], [50, 30, 20, 20], cat=1)
+    anns = box_anns([5, 5, 0, 10], [float('nan'), 1, 2, 2], [45, 30, 20, 12], cat=1)
     anns.append({'id': 90, 'image_id': 2, 'category_id': 9, 'bbox': [1, 1, 5, 5]})
     anns.append({'id': 91, 'image_id': 12345, 'category_id': 1, 'bbox': [1, 1, 5, 5]})
     ann_file, img_dir = make(tmp_path, anns=anns)
@@ -315,3 +319,20 @@ def test_check_dataset_clean_and_unusable(tmp_path, capsys):
     ann_file.write_text('')
     rc, out, err = run_tool(capsys, ann_file, img_dir)
     assert rc == 2 and 'empty' in err
+
+
+def test_check_dataset_notes_many_boxes_and_refuses_no_annotations(tmp_path, capsys):
+    """1,000 boxes in one image: an info line saying why it matters (not an error); a JSON
+    with images but no annotations at all: an error, not 'OK'."""
+    many = [{'id': 1000 + k, 'image_id': 1, 'category_id': 1, 'area': 4.0, 'iscrowd': 0,
+             'bbox': [k % 50, (k // 50) % 30, 2 + k % 7, 2 + k % 5]} for k in range(1000)]
+    ann_file, img_dir = make(tmp_path, anns=many + box_anns()[1:])
+    rc, out, _ = run_tool(capsys, ann_file, img_dir)
+    assert rc == 0 and out.rstrip().endswith(': OK'), out
+    assert ('[info] many_boxes: 1 (0.jpg (1000 boxes)) -- note: a GFL model keeps at most '
+            'test_cfg.max_per_img (100) detections per image') in out
+    (tmp_path / 'empty').mkdir()
+    ann_file, img_dir = make(tmp_path / 'empty', anns=[])
+    rc, out, _ = run_tool(capsys, ann_file, img_dir)
+    assert rc == 1 and '[error] no_annotations: 1' in out and ': OK' not in out, out
+    assert '0 annotation(s), none usable' in out and 'image_info_' in out

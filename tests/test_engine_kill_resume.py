@@ -4,13 +4,17 @@ each time with ``--resume``; the end result is bit-for-bit the uninterrupted run
 The run: the tiny synthetic config of test_engine_e2e (8 images, batch 2, 4 iterations per
 epoch, random flip on -- so the data augmentation's random state matters), 12 epochs, CPU,
 ``--deterministic``, a fixed seed, a checkpoint per epoch and validation (with a "best"
-checkpoint) after every epoch, ``num_workers=0``.
+checkpoint) after every epoch, training data loaded by 2 persistent worker processes (as the
+shipped configs do: the workers of the uninterrupted run live through all 12 epochs, those of a
+resumed run start fresh).
 
 Kill moments come from a seeded generator, counted in training iterations rather than seconds
-(so the test means the same on a fast or a busy machine): most rounds kill 1-4 iterations
-after the process has started training plus 0-50 ms (which lands anywhere: in an iteration, in
-validation, in a save); every third round instead watches the work dir and kills as soon as a
-save's temp file appears, i.e. during ``atomic_save``.
+(so the test means the same on a fast or a busy machine): most rounds kill 1-8 iterations (up to
+two epochs) after the process has started training plus 0-50 ms (which lands anywhere: in an
+iteration, in validation, in a save); every third round instead watches the work dir and kills
+as soon as a save's temp file appears, i.e. during ``atomic_save``. The run must get somewhere
+between kills: several rounds resume from a later epoch than the one before (so fresh worker
+processes take over from the killed run's mid-training).
 
 After every kill: every ``*.pth`` in the work dir loads (weights_only=True) -- none is partial.
 Every restart must resume from the newest complete epoch checkpoint (its log says which, and
@@ -21,7 +25,8 @@ lr-scheduler state, random generator states (``torch.equal``: no tolerance).
 Nondeterminism, for the record: none is left in this setting. What it relies on (see
 ``GFLRunner.resume``): the RNG states are saved and restored; validation does not consume
 training randomness; kills are resumed from epoch checkpoints (mmengine restarts a resumed
-epoch from its first batch); ``num_workers=0`` (worker processes' generators are not saved).
+epoch from its first batch); every sample's augmentation is drawn from (seed, epoch, index)
+(``gfl_det.data.SampleIndex``), not from generators living in the worker processes.
 """
 from __future__ import annotations
 
@@ -79,7 +84,9 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted_run(tmp_path):
     t0 = time.time()
     cfg = write_tiny_config(tmp_path / 'tiny.py', tmp_path / 'synthetic', max_epochs=EPOCHS,
                             flip=0.5, extra="visualizer = dict(type='Visualizer', "
-                                            "vis_backends=[dict(type='LocalVisBackend')])")
+                                            "vis_backends=[dict(type='LocalVisBackend')])\n"
+                                            "train_dataloader.update(num_workers=2, "
+                                            "persistent_workers=True)")
     ref = tmp_path / 'ref'
     p = start(cfg, ref, tmp_path / 'ref.log')
     assert p.wait(timeout=300) == 0, (tmp_path / 'ref.log').read_text()[-3000:]
@@ -87,7 +94,7 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted_run(tmp_path):
 
     wd = tmp_path / 'killed'
     rng = np.random.default_rng(2024)
-    kills, rounds, temp_left, modes = 0, 0, 0, []
+    kills, rounds, temp_left, modes, resumed_from = 0, 0, 0, [], []
     while kills < KILLS or (temp_left == 0 and rounds < KILLS + 5):
         ckpts = epoch_checkpoints(wd)
         newest = max(ckpts, default=0)
@@ -95,7 +102,7 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted_run(tmp_path):
         log = tmp_path / f'round_{rounds}.log'
         p = start(cfg, wd, log, *(['--resume'] if rounds else []))
         mode = 'save' if rounds % 3 == 2 or kills >= KILLS else 'iter'
-        target = newest * ITERS_PER_EPOCH + int(rng.integers(1, 5))
+        target = newest * ITERS_PER_EPOCH + int(rng.integers(1, 2 * ITERS_PER_EPOCH + 1))
         pause = float(rng.uniform(0, 0.05))
         while p.poll() is None:
             if mode == 'save':
@@ -116,6 +123,7 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted_run(tmp_path):
 
         # the restart resumed from the newest complete checkpoint (temp files never considered)
         if rounds:
+            resumed_from.append(newest)
             if newest:
                 assert f'Auto-resuming from the latest checkpoint {ckpts[newest]}' in text, text[-3000:]
                 assert f'resumed epoch: {newest}, iter: {newest * ITERS_PER_EPOCH}' in text
@@ -132,7 +140,10 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted_run(tmp_path):
         temp_left += sum(1 for n in names if TEMP.match(n))
         rounds += 1
 
+    # the killed runs got somewhere: resumed from several epochs, fresh workers each time
+    assert len({e for e in resumed_from if e}) >= 3, resumed_from
     # the last restart runs to the end, cleaning up what killed saves left behind
+    resumed_from.append(max(epoch_checkpoints(wd), default=0))
     log = tmp_path / 'final.log'
     p = start(cfg, wd, log, '--resume')
     assert p.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -156,5 +167,5 @@ def test_sigkill_ten_times_then_resume_equals_uninterrupted_run(tmp_path):
         ra, rb = a['rng_state'][k], b['rng_state'][k]
         assert torch.equal(ra, rb) if k == 'torch' else torch.equal(ra['keys'], rb['keys'])
     print(f'\n{kills} kills ({modes.count("save")} during saves, {temp_left} partial files left '
-          f'and later removed) in {rounds} rounds; reference run {t_ref:.0f} s, '
-          f'whole test {time.time() - t0:.0f} s')
+          f'and later removed) in {rounds} rounds, resumed from epochs {resumed_from}; '
+          f'reference run {t_ref:.0f} s, whole test {time.time() - t0:.0f} s')

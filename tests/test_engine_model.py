@@ -112,10 +112,10 @@ def test_message_hub_encoding_is_weights_only_and_round_trips():
     assert fresh.get_scalar('train/loss').mean() == pytest.approx(6.5 / 3)
 
 
-def test_load_from_is_untrusted_unless_vouched_for(tmp_path):
+def test_load_from_reads_weights_only_and_refuses_pickled_objects(tmp_path):
     """A full mmengine-style checkpoint (HistoryBuffer inside) is refused by load_from
-    (weights_only=True) and accepted only with load_from_trusted / by resume."""
-    from gfl_det.checkpoint import UntrustedCheckpointError
+    (weights_only=True) naming ``convert --trust``; its plain copy loads."""
+    from gfl_det.checkpoint import UntrustedCheckpointError, main
     cfg = Config.fromfile(str(CONFIGS / 'gfl_r18_synthetic.py'))
     cfg.work_dir = str(tmp_path / 'wd')
     model_state = mm.MODELS.build(cfg.model).state_dict()
@@ -123,10 +123,10 @@ def test_load_from_is_untrusted_unless_vouched_for(tmp_path):
     torch.save({'state_dict': model_state, 'meta': {'dataset_meta': {'classes': ('a', 'b', 'c', 'd')}},
                 'message_hub': {'log_scalars': {'train/loss': HistoryBuffer([1.0], [1])}}}, bad)
     runner = mm.GFLRunner.from_cfg(cfg)
-    with pytest.raises(UntrustedCheckpointError):
+    with pytest.raises(UntrustedCheckpointError, match='convert --trust'):
         runner.load_checkpoint(str(bad))
-    runner.cfg.load_from_trusted = True
-    runner.load_checkpoint(str(bad))
+    assert main(['convert', '--trust', str(bad), str(tmp_path / 'plain.pth')]) == 0
+    runner.load_checkpoint(str(tmp_path / 'plain.pth'))
     assert runner.model.class_names == ('a', 'b', 'c', 'd')
 
 

@@ -215,3 +215,22 @@ def test_4096_embeddings_in_one_call():
     loss = triplet_loss(emb, labels, 0.2, "semihard")
     loss.backward()
     assert loss.item() > 0 and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mining", ["batch-hard", "facenet"])
+def test_mining_in_anchor_blocks_equals_one_block(monkeypatch, mining):
+    """The one-triplet-per-pair modes mine a block of anchor rows at a time; blocks of 7 rows
+    (several, the last partial) pick the same triplets as one block of all rows."""
+    import gfl_det.metric.triplet as tri
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (40,), generator=g)
+    results = []
+    for elements in (10 ** 9, 7 * 40):
+        monkeypatch.setattr(tri, "PICK_CHUNK_ELEMENTS", elements)
+        e = emb.clone().requires_grad_()
+        loss = tri.triplet_loss(e, labels, margin=0.3, mining=mining)
+        loss.backward()
+        results.append((loss.detach(), e.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][0] > 0

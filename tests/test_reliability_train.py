@@ -37,9 +37,10 @@ class NaNInjectGFL(mm.GFLDetector):
     MessageHub's ``iter`` + 1, as in mmengine's logs)."""
 
     def __init__(self, nan_loss_at=(), nan_grad_at=(), term='loss_dfl', grad_param=GRAD_PARAM,
-                 **kwargs):
+                 big_grad_at=(), **kwargs):
         super().__init__(**kwargs)
         self.nan_loss_at, self.nan_grad_at, self.term = set(nan_loss_at), set(nan_grad_at), term
+        self.big_grad_at = set(big_grad_at)
         dict(self.named_parameters())[grad_param].register_hook(self._poison_grad)
 
     @staticmethod
@@ -48,6 +49,8 @@ class NaNInjectGFL(mm.GFLDetector):
         return None if it is None else it + 1
 
     def _poison_grad(self, g):
+        if self._iteration() in self.big_grad_at:
+            return g * 1e8  # finite, but far beyond anything seen before
         return g * float('nan') if self._iteration() in self.nan_grad_at else g
 
     def loss(self, *args, **kwargs):
@@ -147,7 +150,10 @@ def test_nan_loss_and_nan_gradient_steps_are_skipped_counted_and_named(tmp_path,
 
     # the count is part of the checkpoint (optimizer state), which still loads weights-only
     ckpt = load_untrusted(wd / 'epoch_2.pth')
-    assert ckpt['optimizer']['nonfinite_guard'] == {'skipped': 2, 'consecutive': 0}
+    guard_state = ckpt['optimizer']['nonfinite_guard']
+    assert (guard_state['skipped'], guard_state['consecutive'], guard_state['spike']) == (2, 0, None)
+    assert len(guard_state['grad_history']) == 6  # the 6 good steps' largest |gradient|
+    assert ckpt['meta']['clean'] is True
     assert 'rng_state' in ckpt
 
 
@@ -179,18 +185,18 @@ def test_consecutive_nonfinite_steps_stop_training_keeping_the_last_checkpoint(
 
 
 class BreakWeights(Hook):
-    """Makes one weight infinite after the given iteration (a step that 'succeeded' with a
-    finite but huge gradient would do that)."""
+    """Sets one weight to ``value`` (default inf) after the given iteration (a step that
+    'succeeded' with a finite but huge gradient would do that)."""
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, iteration):
-        self.iteration = iteration
+    def __init__(self, iteration, value=float('inf')):
+        self.iteration, self.value = iteration, value
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         if runner.iter + 1 == self.iteration:
             with torch.no_grad():
-                runner.model.bbox_head.gfl_cls.bias[0] = float('inf')
+                runner.model.bbox_head.gfl_cls.bias[0] = self.value
 
 
 def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, data_root):
@@ -203,6 +209,70 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, data_root):
                                                   r"last good checkpoint is .*epoch_1\.pth"):
         runner.train()
     assert not (wd / 'epoch_2.pth').exists() and not list(wd.glob('.*.tmp'))
+
+
+def test_the_issues_case_lr_1e6_writes_no_checkpoint_and_names_none_as_good(
+        tmp_path, data_root, capsys):
+    """The reported case: lr 1e6. The first steps blow the weights up, then the loss is NaN:
+    the epoch ends inside a non-finite streak, so neither epoch_1.pth nor a best checkpoint is
+    written (they used to be, with weights of 1e21, and named 'last good'); the guard stops."""
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=3,
+                   extra="optim_wrapper = dict(optimizer=dict(lr=1e6))\n")
+    wd = tmp_path / 'work'
+    rc = load_tool('train').main([str(cfg), '--work-dir', str(wd)])
+    err = capsys.readouterr().err
+    assert rc == 3, err[-3000:]
+    assert 'consecutive steps with non-finite loss' in err
+    assert 'No checkpoint had been saved in a clean state' in err
+    assert not list(wd.glob('*.pth')) and not (wd / 'last_checkpoint').exists()
+    text = log_text(wd)
+    assert 'iteration 4: checkpoint NOT saved: a non-finite streak is open' in text
+    assert 'iteration 4: best checkpoint (no new best chosen) NOT saved' in text
+
+
+def test_skipped_steps_at_an_epochs_end_block_its_checkpoint_and_best(tmp_path, data_root, capsys):
+    """NaN at iterations 7-11: epoch 2 ends (iteration 8) with 2 skipped in a row, so
+    epoch_2.pth is not written and does not become best; the stop names epoch_1.pth."""
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=3, model_extra='nan_loss_at=[7, 8, 9, 10, 11]')
+    wd = tmp_path / 'work'
+    rc = load_tool('train').main([str(cfg), '--work-dir', str(wd)])
+    err = capsys.readouterr().err
+    assert rc == 3, err[-3000:]
+    assert f'The last good checkpoint is {wd / "epoch_1.pth"} (epoch 1, iteration 4)' in err
+    assert sorted(p.name for p in wd.glob('*.pth')) == ['best_coco_bbox_mAP_epoch_1.pth',
+                                                         'epoch_1.pth']
+    assert (wd / 'last_checkpoint').read_text().endswith('epoch_1.pth')
+    assert ('iteration 8: checkpoint NOT saved: a non-finite streak is open (2 step(s) in a row '
+            'skipped up to now)') in log_text(wd)
+    assert load_untrusted(wd / 'epoch_1.pth')['meta']['clean'] is True
+
+
+@pytest.mark.parametrize('case', ['weights', 'gradient'])
+def test_a_diverged_state_is_never_saved(tmp_path, data_root, case):
+    """Finite but diverged at the end of epoch 2 -- a weight 1e6 (the model's state started
+    at 16: bound 16,000), or the last step's gradient 1e8 x its usual size (bound: 1000 x the
+    median) -- so epoch_2.pth is not written, no best is chosen, and the run ends with an error
+    naming epoch_1.pth as the last good checkpoint."""
+    extra = "optim_wrapper = dict(nonfinite_guard=dict(min_history=3))\n"
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=2, extra=extra,
+                   model_extra='big_grad_at=[8]' if case == 'gradient' else '')
+    wd = tmp_path / 'work'
+    runner = build_runner(cfg, wd)
+    if case == 'weights':
+        runner.register_hook(BreakWeights(8, value=1e6))
+    why = (r"the weights have diverged: the largest \|value\| of the model's state 1e\+06 is over "
+           r"1000x max\(1, 16\)" if case == 'weights' else
+           r"iteration 8's largest \|gradient\| [\d.e+]+ is over 1000x the median [\d.e+-]+ of "
+           r"the 7 steps before it")
+    with pytest.raises(NonFiniteLossError, match=rf"(?s)training ended in a state that was not "
+                                                 rf"saved: iteration 8: {why}.*last good checkpoint "
+                                                 rf"is .*epoch_1\.pth"):
+        runner.train()
+    assert sorted(p.name for p in wd.glob('*.pth')) == ['best_coco_bbox_mAP_epoch_1.pth',
+                                                         'epoch_1.pth']
+    text = log_text(wd)
+    assert 'iteration 8: checkpoint NOT saved' in text
+    assert 'iteration 8: best checkpoint (no new best chosen) NOT saved' in text
 
 
 # ------------------------------------------------------------------ the optim wrapper alone

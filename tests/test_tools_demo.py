@@ -28,13 +28,17 @@ def test_folder_with_bad_files_is_drawn_skipping_and_naming_them(onnx_file, tmp_
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / 'notes.txt').write_text('not an image')
     (folder / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+    (folder / 'fake.jpg').write_bytes(b'GIF89a but not really')
+    (folder / 'sub').mkdir()
     out = tmp_path / 'out'
     assert load_tool('demo').main([str(folder), '--onnx', onnx_file, '--out-dir', str(out),
                                    '--device', 'cpu', '--score-thr', '0.5']) == 0
     cap = capsys.readouterr()
     assert '2 picture(s) written' in cap.out
-    assert 'skipped 2 of 4 file(s)' in cap.err and 'notes.txt (not an image file)' in cap.err
-    assert 'broken.jpg (corrupt image)' in cap.err
+    assert 'skipped 4 of 6 input(s)' in cap.err and 'notes.txt (not an image file)' in cap.err
+    assert 'broken.jpg (corrupt image)' in cap.err and 'fake.jpg (corrupt image)' in cap.err
+    assert 'sub (a folder: not searched)' in cap.err
+    assert 'JSON' not in cap.err and 'Traceback' not in cap.err  # no dataset-oriented fix
     for p in imgs:
         drawn = assert_png_ok(out / p.name)
         src = cv2.imread(str(p))[..., ::-1]

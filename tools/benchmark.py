@@ -5,7 +5,7 @@
         --num-gt 10 --iters 3 [--amp] [--channels-last] [--compile] [--json]
 
 Warm-up iterations are excluded; prints median / min / max seconds per iteration, images/s
-and peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
+and peak memory; ``--count-ops`` also the aten operators one iteration dispatches (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS).
 Weights are random unless --checkpoint. For --task infer/loss the classifier is given the
 same "realistic" random init as MMDetection's reference benchmark (../shared/mmdet_ref/
 bench_cpu.py: cls bias ~ N(-5.25, 0.5)) so that thousands of (prior, class) pairs pass the
@@ -16,6 +16,7 @@ backward to the head outputs, as MMDetection's ``GFLHead.loss_by_feat``.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import statistics
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gfl_det.models import build_detector  # noqa: E402
@@ -63,8 +65,40 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="weights to load (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, images and boxes (default 0)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="after the timed iterations, run one more under a TorchDispatchMode counter and print the "
+                        "aten operators it dispatched (every kernel call a GPU would launch, views included): per "
+                        "training step (forward, loss, backward, optimizer step), per loss call (forward + backward) "
+                        "or per inference call (forward + post-processing); --json adds ops_per_iter, view_ops_per_iter "
+                        "(those only making a view: no kernel) and ops_top")
+    p.add_argument("--sync-check", action="store_true",
+                   help="CUDA: after the timed iterations, run one more training step / loss call / inference forward "
+                        "(without post-processing, whose NMS needs one sync) under torch.cuda.set_sync_debug_mode"
+                        "('error'): any host synchronisation inside raises; --json adds sync_free and, if not, "
+                        "sync_error and sync_at (where it happened)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while it is active (``with OpCounter() as c: ...``),
+    on the calling thread and on autograd's backward threads; ``c.total``, ``c.counts``, and
+    ``c.views``: those that only make a view (view, slice, permute, detach, ...: dispatcher work
+    but no kernel on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        self.views += bool(getattr(func, "is_view", False))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 def parse_switches(items: list[str]) -> dict[str, bool]:
@@ -172,7 +206,9 @@ def run(args) -> dict:
     if args.task == "train":
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        # foreach: the multi-tensor update PyTorch uses by default on a GPU (a few kernels for
+        # all parameters); on the CPU its default is one small update per parameter
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
         def step():
@@ -203,6 +239,11 @@ def run(args) -> dict:
             losses = model.criterion(out, targets, metas)
             sum(losses.values()).backward()
 
+    @torch.no_grad()
+    def forward():  # the inference forward without post-processing (--sync-check of --task infer)
+        with autocast():
+            return model(model.preprocess(images, metas))
+
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -223,9 +264,41 @@ def run(args) -> dict:
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)
+    if args.count_ops:
+        with OpCounter() as counter:
+            step()
+        sync(device)
+        res["ops_per_iter"] = counter.total
+        res["view_ops_per_iter"] = counter.views
+        res["ops_top"] = dict(counter.counts.most_common(12))
+    if args.sync_check:
+        res.update(sync_check(step if args.task != "infer" else forward, device, args.task))
     if args.task == "infer":
         res["num_dets"] = [len(p["bboxes"]) for p in step()]
     return res
+
+
+def sync_check(fn, device: torch.device, task: str) -> dict:
+    """Runs ``fn`` once under ``torch.cuda.set_sync_debug_mode('error')``: a host synchronisation
+    inside (``.item()``, ``nonzero``, a copy from pageable memory, ...) raises. Returns
+    ``sync_free`` and, on a sync, the error and the innermost frame of this project's code."""
+    import traceback
+    if device.type != "cuda":
+        raise SystemExit("error: --sync-check needs a CUDA device (torch.cuda.set_sync_debug_mode)")
+    what = {"train": "training step", "loss": "loss call", "infer": "inference forward"}[task]
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        out = dict(sync_checked=what, sync_free=True)
+    except RuntimeError as e:
+        ours = [f for f in traceback.extract_tb(e.__traceback__) if "/gfl_det/" in f.filename or "/tools/" in f.filename]
+        where = f"{ours[-1].filename}:{ours[-1].lineno} {ours[-1].line}" if ours else None
+        out = dict(sync_checked=what, sync_free=False, sync_error=str(e)[:300], sync_at=where)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize(device)
+    return out
 
 
 def main(argv=None):
@@ -241,6 +314,15 @@ def main(argv=None):
         print(f"  median {res['median_s']:.4f} s/iter  (min {res['min_s']:.4f}, max {res['max_s']:.4f}, "
               f"{res['iters']} iters after {args.warmup} warm-up)")
         print(f"  {res['images_per_s']:.2f} images/s, peak memory {res['peak_mem_mb']:.0f} MB")
+        if "sync_free" in res:
+            print(f"  {res['sync_checked']}: " + ("no host synchronisation" if res["sync_free"] else
+                                                   f"host synchronisation at {res['sync_at']}: {res['sync_error']}"))
+        if "ops_per_iter" in res:
+            what = {"train": "training step (forward, loss, backward, SGD step)", "loss": "loss call (forward + backward)",
+                    "infer": "inference call (forward + post-processing)"}[res["task"]]
+            top = ", ".join(f"{k} {v}" for k, v in res["ops_top"].items())
+            print(f"  {res['ops_per_iter']} aten ops per {what} ({res['view_ops_per_iter']} of them views); "
+                  f"most frequent: {top}")
 
 
 if __name__ == "__main__":

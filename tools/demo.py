@@ -13,10 +13,12 @@ Each picture keeps its input's name (PNG/JPEG as the input; other formats are wr
 video becomes ``OUT_DIR/<name>.mp4`` (mp4v). With ``--onnx`` the file exported by
 tools/export_onnx.py runs in onnxruntime (CPU, or CUDA with ``--device cuda`` and
 onnxruntime-gpu); class names and the resize come from the file. Folders and videos show a
-progress bar with ETA; files in a folder that are not images, or do not decode, are skipped,
-named and counted. ``--gallery G`` (a model with an embedding branch; tools/gallery.py enroll)
-labels every detection with its nearest enrolled identity and the distance, or ``unknown`` beyond
-the gallery's verification threshold.
+progress bar with ETA; files in a folder that are not images, or do not decode (and subfolders),
+are skipped, named and counted, and the run goes on. Every path is checked before a model loads.
+A checkpoint is read with weights_only=True: one holding Python objects is refused (exit 2,
+naming ``python -m gfl_det.checkpoint convert --trust``). ``--gallery G`` (a model with an
+embedding branch; tools/gallery.py enroll) labels every detection with its nearest enrolled
+identity and the distance, or ``unknown`` beyond the gallery's verification threshold.
 """
 from __future__ import annotations
 
@@ -51,15 +53,16 @@ def parse_args(argv=None):
     p.add_argument('--show-fps', action='store_true',
                    help='write the detector\'s frames per second (smoothed) in the top-left corner')
     add_inference_args(p)
-    p.add_argument('--trust-checkpoint', action='store_true',
-                   help='the checkpoint is a full training checkpoint from a source you trust '
-                        '(unpickled with weights_only=False)')
+    p.add_argument('--trust-checkpoint', action='store_true', help=argparse.SUPPRESS)  # removed
     p.add_argument('--cfg-options', nargs='+', default=None, help='config overrides, key=value')
     args = parse_inference_args(p, argv)
     if args.onnx is None and (args.config is None or args.checkpoint is None):
         p.error('give CONFIG and CHECKPOINT, or --onnx FILE')
     if args.onnx is not None and args.config is not None:
         p.error('--onnx runs the exported file alone: leave out CONFIG and CHECKPOINT')
+    if args.trust_checkpoint:
+        from gfl_det.checkpoint import trust_flag_removed
+        p.error(trust_flag_removed(args.checkpoint))
     return args
 
 
@@ -94,7 +97,7 @@ def build_detector(args):
         DictAction(option_strings=[], dest='o')(None, ns, args.cfg_options)
         cfg_options = ns.o
     model = init_detector(args.config, args.checkpoint, device=device, cfg_options=cfg_options,
-                          trusted=args.trust_checkpoint, fuse_conv_bn=args.fuse_conv_bn,
+                          fuse_conv_bn=args.fuse_conv_bn,
                           compile=args.compile, channels_last=args.channels_last, winograd=args.winograd)
     return (lambda bgr: inference_detector(model, bgr, channel_order='bgr')), model.class_names
 
@@ -167,7 +170,7 @@ def run_images(paths: list[str], detect, names, args, gallery=None) -> int:
     if len(paths) > 1:
         print(f'{done} picture(s) written to {args.out_dir}')
     if skipped:
-        print(f'skipped {len(skipped)} of {len(paths)} file(s):\n  ' + '\n  '.join(skipped), file=sys.stderr)
+        print(f'skipped {len(skipped)} of {len(paths)} input(s):\n  ' + '\n  '.join(skipped), file=sys.stderr)
     return 0 if done else 1
 
 
@@ -208,8 +211,7 @@ def run_video(path: str, detect, names, args, gallery=None) -> int:
 
 def list_inputs(path: str) -> list[str]:
     if osp.isdir(path):
-        files = sorted(osp.join(path, f) for f in os.listdir(path)
-                       if not f.startswith('.') and osp.isfile(osp.join(path, f)))
+        files = sorted(osp.join(path, f) for f in os.listdir(path) if not f.startswith('.'))
         if not files:
             raise SystemExit(f'error: no files in {path}')
         return files
@@ -233,7 +235,12 @@ def main(argv=None) -> int:
         except GalleryError as e:
             raise SystemExit(f'error: {e}')
         print(f'gallery {args.gallery}: {gallery.describe()}')
-    detect, names = build_detector(args)
+    from gfl_det.checkpoint import CheckpointError
+    try:
+        detect, names = build_detector(args)
+    except CheckpointError as e:  # refused (holds Python objects), corrupt or does not fit
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     if args.inputs.lower().endswith(VIDEO_EXTS) and osp.isfile(args.inputs):
         return run_video(args.inputs, detect, names, args, gallery)
     return run_images(inputs, detect, names, args, gallery)

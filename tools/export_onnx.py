@@ -41,11 +41,14 @@ def parse_args(argv=None):
     p.add_argument('--no-simplify', action='store_true', help='skip onnxslim even where it is installed')
     p.add_argument('--verify', nargs='+', metavar='IMAGE', default=None,
                    help='compare onnxruntime with PyTorch on these images (files or folders)')
-    p.add_argument('--trust-checkpoint', action='store_true',
-                   help='the checkpoint is a full training checkpoint from a source you trust')
+    p.add_argument('--trust-checkpoint', action='store_true', help=argparse.SUPPRESS)  # removed
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                    help='config overrides, key=value (e.g. model.backbone.init_cfg=None)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.trust_checkpoint:
+        from gfl_det.checkpoint import trust_flag_removed
+        p.error(trust_flag_removed(args.checkpoint))
+    return args
 
 
 def expand_images(paths: list[str]) -> list[str]:
@@ -79,8 +82,7 @@ def main(argv=None) -> int:
     from gfl_det.export import export_onnx, verify_onnx
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # as every tool: PyTorch's side of --verify runs as in tools/test.py
-    model = init_detector(args.config, args.checkpoint, device='cpu', cfg_options=args.cfg_options,
-                          trusted=args.trust_checkpoint)
+    model = init_detector(args.config, args.checkpoint, device='cpu', cfg_options=args.cfg_options)
     if args.checkpoint is None:
         print('note: no checkpoint given: the exported weights are random', file=sys.stderr)
     info = export_onnx(model, args.out, shape=args.shape, dynamic=args.dynamic, with_nms=args.with_nms,

@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (network, centres, head)")
     p.add_argument("--quick", action="store_true", help="CI size: 1 seed, 60 steps")
-    p.add_argument("--only", nargs="*", help="train only the rows whose name contains one of these")
+    p.add_argument("--only", nargs="*", help="only the rows (quality) / losses (--speed) whose name contains one of these")
     p.add_argument("--speed", action="store_true", help="time and memory of the losses vs PML instead")
     p.add_argument("--sizes", type=int, nargs="*", default=[512, 4096], help="--speed batch sizes N")
     p.add_argument("--repeats", type=int, default=5, help="--speed timed repetitions (after a warm-up)")
@@ -355,6 +355,8 @@ def speed(args) -> dict:
     for n in args.sizes:
         emb, labels = speed_inputs(n)
         for case in SPEED_CASES:
+            if args.only and not any(o in case for o in args.only):
+                continue
             fns = speed_fns(case)
             pml_fits = pml_triplet_bytes(case, n) < cap
             impls = [i for i in fns if i == "ours" or pml_fits]

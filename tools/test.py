@@ -10,8 +10,11 @@ metrics: R@1..8, MAP@R, NMI, F1, verification, one-shot accuracy; two-view match
 
 Checkpoints load with ``weights_only=True``: gfl_det's own and MMDetection's model-zoo files
 both do; class names come from the checkpoint. A full training checkpoint from elsewhere that
-holds arbitrary objects needs --trust-checkpoint (only if you trust its source) or a one-time
-``python -m gfl_det.checkpoint convert IN OUT``.
+holds Python objects is refused (nothing of it runs); if you trust its source, convert it once:
+``python -m gfl_det.checkpoint convert --trust IN OUT``.
+
+Exit status: 0 done; 2 bad input (a missing or refused checkpoint, unusable images, ground truth
+with no box to score), with one ``error:`` line naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -40,15 +43,16 @@ def parse_args(argv=None):
     p.add_argument('--plot-dir', help='write pr_curves.png (COCOeval precision-recall per IoU and '
                                       'area) and confusion_matrix.png (IoU >= 0.5, --score-thr) here')
     add_inference_args(p)
-    p.add_argument('--trust-checkpoint', action='store_true',
-                   help='unpickle the checkpoint fully (weights_only=False): only for files '
-                        'from a source you trust')
+    p.add_argument('--trust-checkpoint', action='store_true', help=argparse.SUPPRESS)  # removed
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config keys, e.g. test_dataloader.batch_size=4')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
                    help='distributed launcher (pytorch: under torchrun; default none)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     args = parse_inference_args(p, argv)
+    if args.trust_checkpoint:
+        from gfl_det.checkpoint import trust_flag_removed
+        p.error(trust_flag_removed(args.checkpoint))
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -67,7 +71,6 @@ def setup_cfg(args) -> Config:
     if args.channels_last:
         cfg.model.channels_last = True
     cfg.resume = False
-    cfg.load_from_trusted = bool(args.trust_checkpoint)
     cfg.load_from_strict = True  # evaluate the checkpoint as it is, or fail saying what differs
     cfg.model.backbone.init_cfg = None  # the checkpoint has the weights: no ImageNet download
     if args.out:
@@ -90,9 +93,14 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
+        if '://' not in path and not osp.isfile(path):  # before anything is built or loaded
+            print(f'error: {what} not found: {path}', file=sys.stderr)
+            return 2
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
+    from gfl_det.checkpoint import CheckpointError
     from gfl_det.data import DatasetError
     from gfl_det.mm import GFLRunner
     try:
@@ -101,8 +109,16 @@ def main(argv=None) -> int:
             from gfl_det.apis import optimize_for_inference_hook
             runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile, args.winograd))
         metrics = runner.test()
-    except DatasetError as e:  # the message names the file and the fix
+    except (DatasetError, CheckpointError) as e:  # the message names the file and the fix
         print(f'error: {e}', file=sys.stderr)
+        return 2
+    if runner.rank == 0 and metrics and metrics.get('coco/bbox_mAP') == -1:
+        ann = cfg.test_evaluator.get('ann_file') if isinstance(cfg.test_evaluator, dict) else ''
+        print(f'error: nothing was scored: the ground truth ({ann}) '
+              'has no usable box in the evaluated images, so every COCO metric is -1 '
+              '(undefined). fix: evaluate on an annotated split (an instances_*.json with '
+              "'annotations'); tools/check_dataset.py ANN_FILE IMG_DIR shows what the file holds",
+              file=sys.stderr)
         return 2
     if runner.rank == 0 and metrics:
         runner.logger.info('test: ' + '  '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))

@@ -10,9 +10,15 @@ Logs (ETA, losses, lr) and TensorBoard events go to the work dir (default
 ``work_dirs/<config name>``), with a checkpoint per epoch, ``best_coco_bbox_mAP_epoch_N.pth``
 and COCO validation after every epoch.
 
-Exit status: 0 done; 3 training stopped by the non-finite guard (``optim_wrapper.
-nonfinite_guard.max_consecutive`` NaN/Inf steps in a row; the message names the last good
-checkpoint); anything else is an error with its traceback.
+The console shows a short header (config, work dir, log file, data, schedule, device), then
+progress lines with ETA; mmengine's environment / config / hook dump is in the log file only.
+
+Exit status: 0 done; 2 bad input (dataset, a missing or refused checkpoint, missing pretrained
+weights: one ``error:`` line naming the file and the fix); 3 training stopped by the non-finite
+guard (``optim_wrapper.nonfinite_guard.max_consecutive`` NaN/Inf steps in a row, or non-finite
+weights; the message names the last good checkpoint); 130 interrupted (Ctrl-C: the message gives
+the ``--resume`` command); anything else is an error with its traceback. Every error's traceback
+is also in the run's log file.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ def parse_args(argv=None):
                    '(default: work_dirs/<config name>)')
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume: alone, from the latest checkpoint in the work dir; '
-                        'with a path, from that checkpoint (trusted: it must be your own)')
+                        'with a path, from that checkpoint (read with weights_only=True, as '
+                        'every checkpoint)')
     p.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'float16', 'bfloat16'],
                    help='mixed precision (AmpOptimWrapper); alone: float16 on CUDA, '
                         'bfloat16 on the CPU')
@@ -104,28 +111,58 @@ def setup_cfg(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for path, what in ((args.config, 'config'), (args.resume, '--resume: checkpoint')):
+        if path not in (None, 'auto') and not osp.isfile(path):  # before anything is built
+            print(f'error: {what} not found: {path}', file=sys.stderr)
+            return 2
     from gfl_det.fast.malloc import retain_freed_memory
     retain_freed_memory()  # freed activations stay mapped (gfl_det/fast/malloc.py; GFL_DET_MALLOC=system to opt out)
     cfg = setup_cfg(args)
+    from gfl_det.checkpoint import CheckpointError
     from gfl_det.data import DatasetError
     from gfl_det.guard import NonFiniteLossError
     from gfl_det.mm import GFLRunner
+    from gfl_det.mm.console import log_exception
     from gfl_det.models.backbone import PretrainedWeightsError
+    runner = None
     try:
         runner = GFLRunner.from_cfg(cfg)
         runner.train()
+    except KeyboardInterrupt as e:  # Ctrl-C: say how to go on
+        return interrupted(runner, cfg, sys.argv[1:] if argv is None else list(argv), e)
     except NonFiniteLossError as e:  # already in the log; the message names the checkpoint
         print(f'error: training stopped: {e}', file=sys.stderr)
         return 3
-    except (DatasetError, PretrainedWeightsError) as e:  # the message names the file and the fix
+    except (DatasetError, PretrainedWeightsError, CheckpointError) as e:  # names the file and the fix
+        log_exception(getattr(runner, 'logger', None), e, 'training stopped:')  # the traceback: log file
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except Exception as e:  # the traceback goes to the console (Python) and into the log file
+        log_exception(getattr(runner, 'logger', None), e, 'training stopped:')
+        raise
     if runner.rank == 0:
         best = runner.message_hub.get_info('best_score')
         ckpt = runner.message_hub.get_info('best_ckpt')
         if best is not None:
             runner.logger.info(f'best coco/bbox_mAP {best:.4f}: {ckpt}')
     return 0
+
+
+def interrupted(runner, cfg, argv: list, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C (SIGINT): the command that continues (``--resume``) and the checkpoint it would
+    start from, on the console and in the log file; exit status 130 (128 + SIGINT)."""
+    import logging
+
+    from gfl_det.mm.console import interrupted_message, log_to_file
+    from gfl_det.resume import find_latest_checkpoint
+    where = ''
+    loop = getattr(runner, '_train_loop', None)
+    if loop is not None and not isinstance(loop, dict):
+        where = f' in epoch {runner.epoch + 1}, after iteration {runner.iter}'
+    msg = interrupted_message(cfg.work_dir, argv, find_latest_checkpoint(cfg.work_dir), where)
+    log_to_file(getattr(runner, 'logger', None), logging.WARNING, msg)
+    print(f'\n{msg}', file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':

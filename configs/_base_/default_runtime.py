@@ -6,7 +6,9 @@ default_hooks = dict(
     # mmengine's RuntimeInfoHook, minus its per-iteration .item() on every loss
     runtime_info=dict(type='DeferredRuntimeInfoHook'),
     timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=50),
+    # gfl_det's LoggerHook: 'auto' = a line ~5 times per epoch (at most every 50 iterations), and
+    # progress lines with ETA at iterations 1, 2, 4, ... before the first interval
+    logger=dict(type='LoggerHook', interval='auto'),
     param_scheduler=dict(type='ParamSchedulerHook'),
     # a checkpoint every epoch, and the best one by COCO box AP (best_coco_bbox_mAP_epoch_N.pth)
     checkpoint=dict(type='CheckpointHook', interval=1, save_best='coco/bbox_mAP', rule='greater'),

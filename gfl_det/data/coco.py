@@ -59,12 +59,15 @@ import torch
 from torch.utils.data import Dataset
 
 from .identity import annotation_identities, lookup
+from .images import check_image_file, load_image
+from .loader import sample_rng
 from .transforms import build_transforms
-from .validation import (BadImageError, DatasetError, SkipReport, check_image_file,
-                         load_coco_json, load_image, validate_coco)
+from .validation import BadImageError, DatasetError, SkipReport, load_coco_json, validate_coco
 
 __all__ = ['CocoDataset', 'to_sample']
 
+# Warnings for plain-PyTorch use. Under GFLRunner they are silenced (a NullHandler): there
+# DataReportHook and the evaluator report the same problems once, in the run's log.
 logger = logging.getLogger('gfl_det.data')
 
 
@@ -170,10 +173,6 @@ class CocoDataset(Dataset):
             for im, (reason, detail) in bad:
                 self.skipped.add(reason, im['file_name'])
                 self._load_failed.append(im['file_name'])
-            if bad:
-                logger.warning('%s: %d image file(s) skipped at load: %s', self.ann_file,
-                               len(bad), '; '.join(f"{im['file_name']} ({r[0]})"
-                                                   for im, r in bad[:5]))
             bad_names = {im['file_name']: r[0] for im, r in bad}
             if test_mode and on_bad_image == 'skip':  # kept: __getitem__ gives failed samples
                 known_bad = {i: bad_names[im['file_name']] for i, im in enumerate(images)
@@ -195,6 +194,10 @@ class CocoDataset(Dataset):
             raise DatasetError(f'no usable image in {self.ann_file} (img_dir {self.img_dir}):\n'
                                f'{self.skipped}\nfix: see the problems above, or run '
                                'tools/check_dataset.py ANN_FILE IMG_DIR')
+        if self.skipped.errors or self.skipped.warnings:  # (GFLRunner: DataReportHook reports)
+            logger.warning('%s: problems found at load (skipped, or repaired as noted; '
+                           'dataset.skipped holds them):\n%s', self.ann_file,
+                           '\n'.join(self.skipped.lines(severities=('error', 'warning'))))
 
         # packed per-image storage (see module docstring: no list of dicts)
         self.img_ids: list[int] = [im['img_id'] for im in images]
@@ -287,6 +290,11 @@ class CocoDataset(Dataset):
                          'scale_factor': (s / W, s / H), 'flip': False, 'load_failed': reason}}
 
     def __getitem__(self, idx: int) -> dict:
+        """Sample ``idx``; its random augmentation is drawn from ``sample_rng(idx)`` (from
+        (seed, epoch, index) when ``idx`` is a :class:`gfl_det.data.loader.SampleIndex`), and so
+        is the stand-in for a bad image in training."""
+        rng = sample_rng(idx)
+        idx = int(idx)
         if self.on_bad_image == 'skip' and self.test_mode:
             if idx in self._bad_idx:
                 return self.failed_sample(idx, self._bad_idx[idx])
@@ -299,13 +307,13 @@ class CocoDataset(Dataset):
                                'evaluation: %s', e)
                 return self.failed_sample(idx, e.reason)
             if self.transforms is not None:
-                results = self.transforms(results)
+                results = self.transforms(dict(results, rng=rng))
             return to_sample(results)
         replaced: list[tuple[str, str]] = []
         for _ in range(self.max_retries + 1):
             if idx in self._bad_idx:                      # known bad in this process
                 replaced.append((self._bad_idx[idx], str(self._names[idx])))
-                idx = self._other_index()
+                idx = self._other_index(rng)
                 continue
             try:
                 results = self.load_results(idx)
@@ -317,10 +325,10 @@ class CocoDataset(Dataset):
                                e)
                 self._bad_idx[idx] = e.reason
                 replaced.append((e.reason, name))
-                idx = self._other_index()
+                idx = self._other_index(rng)
                 continue
             if self.transforms is not None:
-                results = self.transforms(results)
+                results = self.transforms(dict(results, rng=rng))
             if replaced:
                 results['meta']['skipped'] = replaced
             return to_sample(results)
@@ -335,12 +343,13 @@ class CocoDataset(Dataset):
         self._load_failed.append(name)
         return name
 
-    def _other_index(self) -> int:
-        """A random index not known to be bad (numpy's per-worker seeded generator)."""
+    def _other_index(self, rng: np.random.Generator) -> int:
+        """A random index not known to be bad, drawn from the sample's generator: one draw per
+        candidate, so every process picks the same stand-in whichever bad images it has met."""
         if len(self._bad_idx) >= len(self):
             raise DatasetError(f'every image of {self.ann_file} failed to load ({self.skipped}); '
                                'fix: check img_dir, or run tools/check_dataset.py')
         while True:
-            j = int(np.random.randint(len(self)))
+            j = int(rng.integers(len(self)))
             if j not in self._bad_idx:
                 return j

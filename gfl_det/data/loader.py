@@ -1,5 +1,12 @@
-"""Batch sampling and DataLoader construction.
+"""Batch sampling, DataLoader construction, and where each sample's randomness comes from.
 
+* :class:`SampleIndex` / :func:`sample_rng` -- a dataset index that carries the (seed, epoch)
+  it was drawn for; the dataset derives that sample's augmentation generator from (seed, epoch,
+  index) alone. So a sample's augmentation does not depend on which process, worker or
+  position draws it: runs with 0, 1 or 8 workers, persistent or not, and a run resumed at an
+  epoch boundary all see exactly the same data. Samplers yield them
+  (:class:`EpochSampler`, and the mmengine adapter's ``DefaultSampler`` / ``InfiniteSampler``);
+  a plain ``int`` index still works (its generator then comes from numpy's global one).
 * :class:`AspectRatioBatchSampler` -- batches only images of the same orientation (portrait
   vs landscape), like mmdet's, so padding stays small. Constructible the way mmengine's Runner
   builds ``batch_sampler=dict(type=...)``: ``__init__(sampler, batch_size, drop_last=False)``.
@@ -15,12 +22,61 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler,
-                              SequentialSampler)
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from .collate import collate
 
-__all__ = ['AspectRatioBatchSampler', 'build_dataloader', 'worker_init_fn', 'aspect_flags_of']
+__all__ = ['AspectRatioBatchSampler', 'build_dataloader', 'worker_init_fn', 'aspect_flags_of',
+           'SampleIndex', 'sample_rng', 'EpochSampler']
+
+
+class SampleIndex(int):
+    """A dataset index (an ``int``: any dataset accepts it) that also carries the ``seed`` and
+    ``epoch`` it was drawn for. It crosses into DataLoader worker processes with the index
+    itself, so persistent workers learn the epoch without any state of their own."""
+
+    def __new__(cls, index: int, seed: int, epoch: int) -> 'SampleIndex':
+        obj = super().__new__(cls, index)
+        obj.seed, obj.epoch = int(seed), int(epoch)
+        return obj
+
+    def __reduce__(self):
+        return SampleIndex, (int(self), self.seed, self.epoch)
+
+    def __repr__(self) -> str:
+        return f'SampleIndex({int(self)}, seed={self.seed}, epoch={self.epoch})'
+
+
+def sample_rng(index) -> np.random.Generator:
+    """The random generator of one sample: from (seed, epoch, index) for a
+    :class:`SampleIndex`; for a plain ``int`` (or None), seeded from numpy's global generator
+    (which :func:`worker_init_fn` seeds per worker)."""
+    if isinstance(index, SampleIndex):
+        key = [index.seed % (1 << 64), index.epoch % (1 << 64), int(index) % (1 << 64)]
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
+    return np.random.default_rng(np.random.randint(0, 2 ** 32, dtype=np.uint64))
+
+
+class EpochSampler(Sampler):
+    """The indices of ``dataset`` as :class:`SampleIndex`, shuffled (``shuffle``) by a
+    permutation of (seed, epoch) alone -- no generator state to carry across epochs or a resume.
+    The epoch is what :meth:`set_epoch` last set, else the number of passes started so far."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0):
+        self.data_source, self.n = dataset, len(dataset)
+        self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[SampleIndex]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                 .tolist() if self.shuffle else range(self.n))
+        return iter([SampleIndex(i, self.seed, epoch) for i in order])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def aspect_flags_of(dataset) -> np.ndarray:
@@ -84,7 +140,7 @@ class AspectRatioBatchSampler(BatchSampler):
         buckets: list[list[int]] = [[], []]
         for idx in self.sampler:
             bucket = buckets[self.flags[idx]]
-            bucket.append(int(idx))
+            bucket.append(idx)  # as given: a SampleIndex keeps its (seed, epoch)
             if len(bucket) == self.batch_size:
                 yield bucket[:]
                 del bucket[:]
@@ -101,13 +157,10 @@ class AspectRatioBatchSampler(BatchSampler):
 
 
 def worker_init_fn(worker_id: int, **unused) -> None:
-    """Seed numpy and ``random`` in a DataLoader worker from torch's worker seed.
-
-    torch gives each worker ``base_seed + worker_id`` where ``base_seed`` is drawn from the
-    loader's generator for every epoch: augmentations differ across workers and epochs and
-    repeat exactly for the same loader seed. Also stops OpenCV from starting its own thread
-    pool in each worker (the workers are the parallelism). ``**unused`` accepts mmengine's
-    ``num_workers/rank/seed`` keywords.
+    """Seed numpy and ``random`` in a DataLoader worker from torch's worker seed (what a
+    plain ``int`` index draws its augmentation from; a :class:`SampleIndex` does not need it).
+    Also stops OpenCV from starting its own thread pool in each worker (the workers are the
+    parallelism). ``**unused`` accepts mmengine's ``num_workers/rank/seed`` keywords.
     """
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
@@ -131,20 +184,19 @@ def build_dataloader(dataset: Dataset, batch_size: int = 2, *, train: bool = Tru
         batch_size: images per batch.
         train: shuffle (seeded) if True, dataset order if False.
         num_workers: worker processes decoding and augmenting (0 = in this process).
-        seed: seeds the shuffling and the workers' augmentation streams.
+        seed: with the epoch, seeds the shuffling and every sample's augmentation
+            (:class:`EpochSampler`; the same batches with any ``num_workers``).
         aspect_ratio_grouping: :class:`AspectRatioBatchSampler` (batches of one orientation).
         drop_last: drop incomplete batches.
         pin_memory: page-locked batches for fast host-to-GPU copies (default: CUDA present).
         persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
         prefetch_factor: batches each worker prepares ahead.
         size_divisor: pad batches to a multiple of this.
-        sampler: index sampler to use instead of the default random/sequential one.
+        sampler: index sampler to use instead of the default :class:`EpochSampler` (shuffled
+            in training, in order otherwise).
     """
     if sampler is None:
-        if train:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        else:
-            sampler = SequentialSampler(dataset)
+        sampler = EpochSampler(dataset, shuffle=train, seed=seed)
     if aspect_ratio_grouping:
         batch_sampler = AspectRatioBatchSampler(sampler, batch_size, drop_last=drop_last)
     else:

@@ -15,10 +15,12 @@ filter (min_visibility/min_area) and may reorder or drop boxes, while resize is 
 and a horizontal flip is ``w - x``; doing it ourselves keeps the boxes invertible to float
 precision (tests/test_data_coco.py maps them back to the JSON's boxes).
 
-Randomness comes from numpy's global generator, which ``torch.utils.data`` seeds differently in
-every worker and every epoch (and :func:`gfl_det.data.loader.worker_init_fn` reseeds from the
-loader's seed). albumentations 2.x keeps its own generator per ``Compose`` that forked workers
-would share, so :class:`PhotoMetricDistortion` reseeds it from numpy on every call.
+Randomness comes from ``results['rng']``, the sample's own ``numpy.random.Generator``, which the
+dataset derives from (seed, epoch, sample index) (:func:`gfl_det.data.loader.sample_rng`): the
+same sample gets the same augmentation in any worker process, with or without persistent
+workers, before or after a resume. Without one (a transform called on its own) a generator is
+seeded from numpy's global one. albumentations 2.x keeps its own generator per ``Compose``, so
+:class:`PhotoMetricDistortion` seeds it from the sample's generator on every call.
 
 Build a pipeline the way an mmdet config reads::
 
@@ -34,6 +36,8 @@ import albumentations as A
 import cv2
 import numpy as np
 from albumentations.augmentations.geometric import functional as fgeometric
+
+from .loader import sample_rng
 
 __all__ = ['Compose', 'KeepRatioResize', 'RandomFlip', 'PhotoMetricDistortion',
            'build_transforms', 'rescale_size']
@@ -55,6 +59,12 @@ def _copy(results: dict) -> dict:
     out = dict(results)
     out['meta'] = dict(results['meta'])
     return out
+
+
+def _rng(results: dict) -> np.random.Generator:
+    """The sample's generator (``results['rng']``), or one seeded from numpy's global."""
+    rng = results.get('rng')
+    return rng if rng is not None else sample_rng(None)
 
 
 class Compose:
@@ -101,19 +111,20 @@ class KeepRatioResize:
         self.interpolation = interpolation
         self.clip = clip
 
-    def sample_scale(self) -> Scale:
+    def sample_scale(self, rng: Optional[np.random.Generator] = None) -> Scale:
         if self.ms_range is None:
             return self.scale
+        rng = rng if rng is not None else sample_rng(None)
         (a0, a1), (b0, b1) = self.ms_range
-        e0 = np.random.randint(min(a0, b0), max(a0, b0) + 1)
-        e1 = np.random.randint(min(a1, b1), max(a1, b1) + 1)
+        e0 = rng.integers(min(a0, b0), max(a0, b0) + 1)
+        e1 = rng.integers(min(a1, b1), max(a1, b1) + 1)
         return int(e0), int(e1)
 
     def __call__(self, results: dict) -> dict:
         out = _copy(results)
         img = results['image']
         h, w = img.shape[:2]
-        nh, nw = rescale_size(h, w, self.sample_scale())
+        nh, nw = rescale_size(h, w, self.sample_scale(results.get('rng')))
         out['image'] = fgeometric.resize(img, (nh, nw), self.interpolation)
         ws, hs = nw / w, nh / h
         boxes = np.asarray(results['boxes'], np.float64).reshape(-1, 4) * [ws, hs, ws, hs]
@@ -146,7 +157,7 @@ class RandomFlip:
     def __call__(self, results: dict) -> dict:
         out = _copy(results)
         out['meta'].setdefault('flip', False)
-        if not (self.prob > 0 and np.random.rand() < self.prob):
+        if not (self.prob > 0 and _rng(results).random() < self.prob):
             return out
         img = results['image']
         w = img.shape[1]
@@ -181,9 +192,8 @@ class PhotoMetricDistortion:
 
     def __call__(self, results: dict) -> dict:
         out = _copy(results)
-        # albumentations' Compose owns a generator that forked workers would share:
-        # draw its seed from numpy's (per-worker, per-epoch seeded) generator every call
-        self.aug.set_random_seed(int(np.random.randint(0, 2 ** 31 - 1)))
+        # albumentations' Compose owns a generator: seed it from the sample's on every call
+        self.aug.set_random_seed(int(_rng(results).integers(0, 2 ** 31 - 1)))
         out['image'] = self.aug(image=results['image'])['image']
         return out
 

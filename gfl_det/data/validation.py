@@ -1,6 +1,8 @@
 """Checking detection annotations and images: one place for every "bad input" rule.
 
-Used by :class:`gfl_det.data.coco.CocoDataset` at load time and by ``tools/check_dataset.py``.
+Used by :class:`gfl_det.data.coco.CocoDataset` at load time, by evaluation and by
+``tools/check_dataset.py`` (:mod:`gfl_det.data.groundtruth`); image files are checked and decoded
+by :mod:`gfl_det.data.images` under the same reasons.
 
 Policy (the same everywhere):
 
@@ -25,30 +27,33 @@ reason                    severity  rule
 ``unknown_image``         error     ``image_id`` not in ``images``
 ``unknown_category``      error     ``category_id`` not in ``categories``
 ``outside_image``         error     no overlap with the image at all
-``clipped``               warning   box crosses the image border: clipped to it, kept
+``mostly_outside``        error     less than half of the box lies inside the image
+``clipped``               warning   box crosses the image border (at least half inside):
+                                    clipped to it, kept
 ``tiny_box``              warning   0 < w < 1 or 0 < h < 1 px: dropped as MMDetection does
 ``zero_area``             warning   the JSON's ``area`` <= 0: dropped as MMDetection does
 ========================  ========  ===================================================
 
 Image rules: ``bad_image_entry`` (error: no file name / non-positive size), ``missing_image``,
 ``corrupt_image``, ``size_mismatch`` (errors, found when files are checked or decoded).
+Whole-file: ``no_annotations`` (error: not one usable box). ``many_boxes`` (info): an image with
+more boxes than a detector keeps per image (:mod:`gfl_det.data.groundtruth`, which also holds
+the ground truth evaluation scores: these same rules).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
-__all__ = ['DatasetError', 'BadImageError', 'SkipReport', 'SEVERITY', 'load_coco_json',
-           'validate_coco', 'check_image_file', 'load_image', 'check_dataset']
-
-logger = logging.getLogger('gfl_det.data')
+__all__ = ['DatasetError', 'BadImageError', 'SkipReport', 'SEVERITY', 'FIXES', 'load_coco_json',
+           'check_coco_structure', 'validate_coco']
 
 SEVERITY = {
     # file-level / image-level
@@ -63,12 +68,15 @@ SEVERITY = {
     'unknown_image': 'error',
     'unknown_category': 'error',
     'outside_image': 'error',
+    'mostly_outside': 'error',
+    'no_annotations': 'error',
     'clipped': 'warning',
     'tiny_box': 'warning',
     'zero_area': 'warning',
     # normal training-time filtering (mmdet filter_cfg)
     'no_boxes': 'info',
     'too_small': 'info',
+    'many_boxes': 'info',
 }
 
 FIXES = {
@@ -78,23 +86,65 @@ FIXES = {
                      're-save the image without the orientation tag)',
     'nonpositive_size': 'fix or delete the box (COCO bbox is [x, y, width, height])',
     'nan_bbox': 'fix or delete the box',
+    'malformed_bbox': 'a COCO bbox is 4 numbers [x, y, width, height]: fix or delete it',
+    'bad_image_entry': 'give the image entry a file_name and a positive width and height',
+    'clipped': 'kept, clipped to the image: training and evaluation use the clipped box',
+    'tiny_box': 'left out (width or height < 1 px), as MMDetection leaves it out',
+    'zero_area': "left out (the JSON's area <= 0), as MMDetection leaves it out",
     'unknown_category': "add the category to 'categories' or fix the annotation's category_id",
     'unknown_image': "add the image to 'images' or fix the annotation's image_id",
     'outside_image': 'fix the box or the image size in the JSON',
+    'mostly_outside': 'fix the box or the image size in the JSON',
+    'no_annotations': "point ann_file at an annotated split (an instances_*.json with "
+                      "'annotations'; image_info_*.json files hold none): nothing to train on, "
+                      'and every COCO metric would be -1',
+    'many_boxes': 'a GFL model keeps at most test_cfg.max_per_img (100) detections per image '
+                  'and COCOeval counts 100 (maxDets): recall on these images is capped',
 }
 
 
 class DatasetError(ValueError):
-    """The dataset cannot be used as given; the message names the file and the fix."""
+    """The dataset cannot be used as given; the message names the file and the fix.
+
+    Raised in a DataLoader worker process, torch re-raises it in the training process as
+    ``type(e)(message)`` with a message of its own ('Caught DatasetError in DataLoader worker
+    process 0. Original Traceback ...'); the original message is recovered from it, so the
+    tools print the same one clean ``error:`` line with any ``num_workers``."""
+
+    def __init__(self, *args: Any):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_from_worker(args[0], type(self).__name__),)
+        super().__init__(*args)
+
+
+def _from_worker(msg: str, name: str) -> str:
+    """The original message inside torch's re-raise text of a DataLoader worker's exception
+    (``msg`` unchanged if it is not one)."""
+    head = re.match(r'Caught \w+ (in DataLoader worker process \d+)\.\s*\nOriginal Traceback', msg)
+    if not head:
+        return msg
+    last = None
+    for last in re.finditer(rf'^(?:[\w.]+\.)?{name}: ', msg, re.M):
+        pass
+    return msg if last is None else f'{msg[last.end():].strip()} ({head.group(1)})'
 
 
 class BadImageError(DatasetError):
     """One image file cannot be used (missing, corrupt, or its size disagrees with the JSON).
 
-    Attributes: ``path``, ``reason`` (a :data:`SEVERITY` key).
+    Attributes: ``path``, ``reason`` (a :data:`SEVERITY` key; both parsed back from the
+    message when torch re-raises the error from a DataLoader worker).
     """
 
-    def __init__(self, path: Union[str, os.PathLike], reason: str, detail: str = ''):
+    def __init__(self, path: Union[str, os.PathLike], reason: Optional[str] = None,
+                 detail: str = ''):
+        if reason is None:  # re-raised by torch from a worker: the message only
+            super().__init__(str(path))
+            msg = str(self)
+            self.reason = next((r for r in SEVERITY if msg.startswith(r.replace('_', ' ') + ': ')),
+                               'corrupt_image')
+            self.path = re.split(r' \(|; ', msg.split(': ', 1)[-1])[0]
+            return
         self.path = str(path)
         self.reason = reason
         fix = FIXES.get(reason, '')
@@ -173,8 +223,8 @@ class SkipReport:
                 shown = ', '.join(files[:max_files]) + (f', ... (+{len(files) - max_files})'
                                                          if len(files) > max_files else '')
                 fix = FIXES.get(reason)
-                out.append(f'[{sev}] {reason}: {n} ({shown})' + (f' -- fix: {fix}'
-                                                                 if fix and sev == 'error' else ''))
+                note = 'fix' if sev == 'error' else 'note'
+                out.append(f'[{sev}] {reason}: {n} ({shown})' + (f' -- {note}: {fix}' if fix else ''))
         return out
 
     def __str__(self) -> str:
@@ -263,14 +313,18 @@ def _num(x: Any, typ: type, default):
         return default
 
 
-def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None) -> dict:
+def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None,
+                  need_file_name: bool = True) -> dict:
     """Validate and convert the annotations of a COCO dict (structure already checked).
 
-    Returns ``{'cat_ids', 'classes', 'images', 'skipped'}`` where ``images`` is a list, in
-    JSON order, of dicts with ``img_id, file_name, height, width`` and numpy arrays
-    ``boxes`` (n, 4) float32 xyxy (clipped to the image), ``labels`` (n,) int64 contiguous,
-    ``boxes_ignore`` (k, 4) float32 xyxy (``iscrowd`` boxes, the same checks applied),
-    ``ann_ids`` (n,) int64. Images with a bad entry are left out (counted).
+    Returns ``{'cat_ids', 'classes', 'images', 'skipped', 'ann_keep', 'ann_xyxy',
+    'ann_clipped'}`` where ``images`` is a list, in JSON order, of dicts with ``img_id,
+    file_name, height, width`` and numpy arrays ``boxes`` (n, 4) float32 xyxy (clipped to the
+    image), ``labels`` (n,) int64 contiguous, ``boxes_ignore`` (k, 4) float32 xyxy (``iscrowd``
+    boxes, the same checks applied), ``ann_ids`` (n,) int64. Images with a bad entry are left
+    out (counted; ``need_file_name=False``: an entry without a file name is fine -- for
+    evaluation, which reads no image). Per JSON annotation (N,): ``ann_keep`` whether it is used,
+    ``ann_xyxy`` its box clipped to its image (float64), ``ann_clipped`` whether clipping moved it.
     """
     rep = skipped if skipped is not None else SkipReport()
     cats = sorted(data['categories'], key=lambda c: int(c['id']))
@@ -282,7 +336,7 @@ def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None) -> dict:
         name = str(im.get('file_name', ''))
         try:
             h, w = int(im['height']), int(im['width'])
-            ok = bool(name) and h > 0 and w > 0
+            ok = (bool(name) or not need_file_name) and h > 0 and w > 0
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -292,7 +346,7 @@ def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None) -> dict:
     img_index = {im['img_id']: i for i, im in enumerate(images)}
     bad_entry_ids = {int(im['id']) for im in data['images']} - set(img_index)
 
-    anns = data.get('annotations', [])
+    anns = [a if isinstance(a, dict) else {} for a in data.get('annotations', [])]
     n = len(anns)
     xywh, malformed = _bbox_array(anns)                                   # (N, 4), (N,)
     ann_img = np.array([_num(a.get('image_id'), int, -1) for a in anns], np.int64)
@@ -321,7 +375,11 @@ def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None) -> dict:
     on_bad_entry = np.isin(ann_img, list(bad_entry_ids)) if bad_entry_ids else np.zeros(n, bool)
     keep &= ~on_bad_entry
     drop(idx < 0, 'unknown_image')
-    drop(~np.isin(ann_cat, cat_ids), 'unknown_category')
+    unknown_cat = ~np.isin(ann_cat, cat_ids) & keep
+    if unknown_cat.any():  # name the id too: 'file.jpg (category_id 999)'
+        rep.add('unknown_category', [f'{w} (category_id {c})' for w, c in
+                                     zip(where(unknown_cat), ann_cat[unknown_cat])])
+        keep[unknown_cat] = False
     drop(malformed, 'malformed_bbox')
     drop(~np.isfinite(xywh).all(1), 'nan_bbox')
     with np.errstate(invalid='ignore'):
@@ -335,10 +393,14 @@ def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None) -> dict:
     clipped = xyxy.copy()
     clipped[:, 0::2] = np.clip(xyxy[:, 0::2], 0, wh[:, :1])
     clipped[:, 1::2] = np.clip(xyxy[:, 1::2], 0, wh[:, 1:])
-    with np.errstate(invalid='ignore'):
+    with np.errstate(invalid='ignore', over='ignore'):
         inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
         changed = np.abs(clipped - xyxy).max(1) > 0
+        # a box mostly outside its image is wrong (coordinates or image size), not clippable
+        area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+        mostly_outside = inside & changed & ~(area(clipped) >= 0.5 * area(xyxy))
     drop(~inside, 'outside_image')
+    drop(mostly_outside, 'mostly_outside')
     if (changed & keep).any():
         rep.add('clipped', where(changed & keep))   # kept, clipped (counted, not dropped)
 
@@ -353,130 +415,5 @@ def validate_coco(data: dict, *, skipped: Optional[SkipReport] = None) -> dict:
         im['labels'] = labels[sel[~c]].astype(np.int64)
         im['ann_ids'] = ann_ids[sel[~c]]
         im['boxes_ignore'] = clipped[sel[c]].astype(np.float32).reshape(-1, 4)
-    for reason in rep.errors:
-        logger.warning('%s: %d skipped (%s)', reason, rep[reason], ', '.join(rep.files(reason)[:5]))
-    return {'cat_ids': cat_ids, 'classes': classes, 'images': images, 'skipped': rep}
-
-
-# --------------------------------------------------------------------------------------------
-# images
-
-def check_image_file(path: Union[str, os.PathLike], height: int, width: int,
-                     level: str = 'header') -> Optional[tuple[str, str]]:
-    """Check one image file. Returns ``None`` if fine else ``(reason, detail)``.
-
-    ``level``: ``'exists'`` (stat only), ``'header'`` (PIL reads the size, EXIF rotation
-    applied the way cv2.imread applies it), ``'decode'`` (full decode, as training does).
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        return 'missing_image', 'no such file'
-    if level == 'exists':
-        return None
-    if level == 'decode':
-        try:
-            img = load_image(path)          # what training does
-            from PIL import Image
-            with Image.open(path) as im:    # strict: also catches truncated files, which
-                im.load()                   # cv2 decodes with a grey bottom and a warning
-        except BadImageError as e:
-            return e.reason, str(e)
-        except OSError as e:
-            return 'corrupt_image', str(e)
-        h, w = img.shape[:2]
-    else:
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-                try:
-                    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated 90/270
-                        w, h = h, w
-                except Exception:  # noqa: BLE001 - a broken EXIF block is not our concern here
-                    pass
-        except (UnidentifiedImageError, OSError) as e:
-            return 'corrupt_image', str(e)
-    if (h, w) != (height, width):
-        return 'size_mismatch', f'file is {w}x{h}, JSON says {width}x{height}'
-    return None
-
-
-def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Decode an image file as RGB uint8 (H, W, 3); :class:`BadImageError` if impossible.
-
-    cv2.imread (as mmcv's default backend): applies the EXIF orientation, as MMDetection does.
-    """
-    import cv2
-    path = str(path)
-    if not os.path.isfile(path):
-        raise BadImageError(path, 'missing_image', 'no such file')
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None or img.ndim != 3 or img.size == 0:
-        raise BadImageError(path, 'corrupt_image', 'cv2 could not decode it')
-    if _jpeg_truncated(path):
-        raise BadImageError(path, 'corrupt_image', 'truncated JPEG: the file ends before the '
-                            'end-of-image marker (cv2 would fill the rest with grey)')
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _jpeg_truncated(path: str) -> bool:
-    """True for a JPEG cut short (an interrupted download or copy).
-
-    cv2 decodes such a file "successfully", the missing rows grey, with only a libjpeg warning
-    on stderr. Cheap test first: a complete JPEG ends with the EOI marker ``FF D9`` (trailing
-    zero / whitespace padding allowed), checked by reading 2 + 64 bytes. Files that start as a
-    JPEG but do not end that way (some cameras append data after EOI) are decoded strictly by
-    PIL, which raises on a truncated file: only that decides.
-    """
-    with open(path, 'rb') as f:
-        if f.read(2) != b'\xff\xd8':
-            return False
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 64))
-        tail = f.read().rstrip(b'\x00\r\n\t ')
-    if tail.endswith(b'\xff\xd9'):
-        return False
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except OSError:
-        return True
-    return False
-
-
-def check_dataset(ann_file: Union[str, os.PathLike], img_dir: Union[str, os.PathLike],
-                  level: str = 'decode', workers: int = 2, min_size: int = 32) -> dict:
-    """Every problem of a COCO dataset in one pass (what ``tools/check_dataset.py`` prints).
-
-    File-level problems (unreadable/empty JSON, ...) raise :class:`DatasetError`. Returns
-    ``{'report': SkipReport, 'num_images', 'num_boxes' (usable, non-crowd), 'num_crowd',
-    'classes', 'class_counts'}``; ``report.errors`` non-empty means the data should be fixed.
-    Images are checked at ``level`` (see :func:`check_image_file`), in ``workers`` threads.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-    data = load_coco_json(ann_file)
-    rep = SkipReport()
-    parsed = validate_coco(data, skipped=rep)
-    images = parsed['images']
-
-    def one(im):
-        return im, check_image_file(os.path.join(str(img_dir), im['file_name']),
-                                    im['height'], im['width'], level)
-
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        for im, r in ex.map(one, images):
-            if r is not None:
-                rep.add(r[0], im['file_name'])
-    counts = Counter()
-    for im in images:
-        if len(im['boxes']) + len(im['boxes_ignore']) == 0:
-            rep.add('no_boxes', im['file_name'])
-        if min(im['height'], im['width']) < min_size:
-            rep.add('too_small', im['file_name'])
-        counts.update(im['labels'].tolist())
-    return {'report': rep, 'num_images': len(images),
-            'num_boxes': int(sum(len(im['boxes']) for im in images)),
-            'num_crowd': int(sum(len(im['boxes_ignore']) for im in images)),
-            'classes': parsed['classes'],
-            'class_counts': {parsed['classes'][k]: v for k, v in sorted(counts.items())}}
+    return {'cat_ids': cat_ids, 'classes': classes, 'images': images, 'skipped': rep,
+            'ann_keep': keep, 'ann_xyxy': clipped, 'ann_clipped': changed & keep}

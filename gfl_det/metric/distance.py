@@ -65,8 +65,12 @@ def zero_loss(*tensors: Tensor) -> Tensor:
     return sum(t.sum() * 0.0 for t in tensors)
 
 
-def same_identity(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Masks over the (N, N) pairs: positives (same label, i != j) and negatives (different)."""
-    same = labels[:, None] == labels[None, :]  # (N, N)
+def same_identity(labels: Tensor, start: int = 0, stop: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Masks over the pairs (i, j) of anchors i in [start, stop) (default all N) with every j:
+    positives (same label, i != j) and negatives (different label), each (stop - start, N)."""
+    stop = len(labels) if stop is None else stop
+    same = labels[start:stop, None] == labels[None, :]  # (B, N)
     negative = ~same
-    return same.fill_diagonal_(False), negative
+    rows = torch.arange(stop - start, device=labels.device)
+    same[rows, rows + start] = False
+    return same, negative

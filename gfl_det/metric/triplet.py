@@ -39,6 +39,7 @@ from .synthesis import nearest_candidates, symmetrical_synthesis
 MINING = ("all", "semihard", "hard", "batch-hard", "facenet")
 SYNTHESIS = (None, "symmetrical")
 CHUNK_ELEMENTS = 1 << 24  # anchor rows x candidate points per chunk under synthesis
+PICK_CHUNK_ELEMENTS = 1 << 17  # anchor rows x N distances per chunk when mining one triplet per pair
 
 
 def triplet_loss(emb: Tensor, labels: Tensor, margin: float = 0.2, mining: str = "semihard",
@@ -54,15 +55,17 @@ def triplet_loss(emb: Tensor, labels: Tensor, margin: float = 0.2, mining: str =
     if len(emb) == 0:
         return zero_loss(emb)
     x = normalize(emb)  # (N, D)
-    pos, neg = same_identity(labels)  # (N, N)
     picks_triplets = mining in ("batch-hard", "facenet")
+    if synthesis is None and picks_triplets:
+        # mined without a gradient a block of anchors at a time (the whole (N, N) matrix is never
+        # held), then the mined distances recomputed with one
+        a, p, n = _pick_in_chunks(x, labels, mining, squared)
+        return _mean_of_triplets(x[a], x[p], x[n], margin, mining, squared)
+    pos, neg = same_identity(labels)  # (N, N)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not picks_triplets):
         d = pairwise_distance(x, squared=squared)  # (N, N)
 
     if synthesis is None:  # the negatives are the samples: d serves as d_ap and d_an
-        if picks_triplets:
-            a, p, n = _pick(d, pos, d, neg, mining)
-            return _mean_of_triplets(x[a], x[p], x[n], margin, mining, squared)
         total, count = margin_triplets(d, pos, d, neg, margin, mining)
         return (total / count.clamp(min=1)).to(emb.dtype)
 
@@ -93,6 +96,19 @@ def triplet_loss(emb: Tensor, labels: Tensor, margin: float = 0.2, mining: str =
         t, n = checkpoint(block, *args, use_reentrant=False) if len(chunks) > 1 else block(*args)
         total, count = total + t, count + n
     return (total / count.clamp(min=1)).to(emb.dtype)
+
+
+@torch.no_grad()
+def _pick_in_chunks(x: Tensor, labels: Tensor, mining: str, squared: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, p, n) index triplets mined over blocks of anchor rows (B, N)."""
+    rows = max(1, PICK_CHUNK_ELEMENTS // len(x))
+    picked = []
+    for s in range(0, len(x), rows):
+        d = pairwise_distance(x[s:s + rows], x, squared=squared)  # (B, N)
+        pos, neg = same_identity(labels, s, s + len(d))  # (B, N)
+        a, p, n = _pick(d, pos, d, neg, mining)
+        picked.append((a + s, p, n))
+    return tuple(torch.cat(t) for t in zip(*picked))
 
 
 def _pick(d_ap: Tensor, pos: Tensor, d_an: Tensor, neg: Tensor, mining: str):

@@ -17,6 +17,8 @@ config ``type=``            what it builds
                             data_prefix, filter_cfg, pipeline) -> :class:`gfl_det.data.CocoDataset`
 ``'SyntheticCocoDataset'``  the same, writing the synthetic shapes set first when it is missing
 ``'AspectRatioBatchSampler'``  :class:`gfl_det.data.AspectRatioBatchSampler` (equal batch counts on every rank)
+``'DefaultSampler'``,       mmengine's, yielding :class:`gfl_det.data.SampleIndex` (each sample's
+``'InfiniteSampler'``       augmentation drawn from (seed, epoch, index): exact with any workers)
 ``'gfl_collate'``           :func:`gfl_det.data.collate` (``collate_fn=dict(type='gfl_collate')``)
 ``'Resize'``, ``'RandomResize'``, ``'RandomFlip'``, ``'PhotoMetricDistortion'``,
 ``'LoadImageFromFile'``, ``'LoadAnnotations'``, ``'PackDetInputs'``: pipeline steps
@@ -26,18 +28,24 @@ config ``type=``            what it builds
 ``'OptimWrapper'``,         mmengine's, with the gradient norm kept on the device until logged;
 ``'AmpOptimWrapper'``       AMP that also runs on the CPU (bfloat16)
 ``'DeferredRuntimeInfoHook'``  mmengine's RuntimeInfoHook with one host sync per log interval
+``'LoggerHook'``            :class:`ProgressLoggerHook` -- mmengine's, with ``interval='auto'``
+                            (follows the epoch length) and progress lines from the first iterations
 ``'DrawPredictionsHook'``   writes pictures of the predictions (``tools/test.py --show-dir``)
-``'GFLRunner'``             :class:`GFLRunner` -- atomic, weights-only-safe checkpoints; trusted
-                            resume, untrusted ``load_from``
+``'CheckpointHook'``        mmengine's, saving (and choosing a best) only from a clean state
+``'GFLRunner'``             :class:`GFLRunner` -- atomic, plain-data checkpoints, every one read
+                            with ``weights_only=True`` (resume and ``load_from`` alike)
 ==========================  ===================================================================
 
 One module per concern: ``registry`` (the registries), ``model`` (detector + data preprocessor),
 ``data`` (pipeline steps, datasets, sampler, collate), ``metric`` (COCO mAP), ``optim``
-(optimizer wrappers, non-finite guard), ``hooks``, ``runner`` (checkpoint policy: see there).
+(optimizer wrappers, non-finite guard), ``hooks``, ``console`` (what the console shows, the
+logger hook), ``runner`` (checkpoint policy: see there).
 """
-from . import data, hooks, metric, model, optim, registry, reid_metric, runner  # noqa: F401 (registers)
+from . import console, data, hooks, metric, model, optim, registry, reid_metric, runner  # noqa: F401 (registers)
 from .data import CocoDetDataset, SyntheticCocoDataset, build_pipeline
-from .hooks import DataReportHook, DeferredRuntimeInfoHook, DrawPredictionsHook, ValRandomStateHook
+from .console import ProgressLoggerHook
+from .hooks import (CheckpointHook, DataReportHook, DeferredRuntimeInfoHook, DrawPredictionsHook,
+                    ValRandomStateHook)
 from .metric import CocoMetric
 from .model import GFLDataPreprocessor, GFLDetector
 from .optim import AmpOptimWrapper, OptimWrapper
@@ -50,4 +58,5 @@ __all__ = ['SCOPE', 'MODELS', 'DATASETS', 'DATA_SAMPLERS', 'TRANSFORMS', 'FUNCTI
            'OPTIM_WRAPPERS', 'RUNNERS', 'register_all_modules', 'GFLDetector', 'GFLDataPreprocessor',
            'CocoDetDataset', 'SyntheticCocoDataset', 'build_pipeline', 'CocoMetric', 'ReIDMetric', 'OptimWrapper',
            'AmpOptimWrapper', 'DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook',
-           'DataReportHook', 'GFLRunner', 'MemoConfig', 'encode_message_hub', 'decode_message_hub']
+           'DataReportHook', 'CheckpointHook', 'ProgressLoggerHook', 'GFLRunner', 'MemoConfig', 'encode_message_hub',
+           'decode_message_hub']

@@ -3,14 +3,16 @@ function under the names configs use, built from gfl_det's plain-PyTorch data cl
 from __future__ import annotations
 
 import os.path as osp
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+from mmengine.dataset import DefaultSampler as _MMDefaultSampler
+from mmengine.dataset import InfiniteSampler as _MMInfiniteSampler
 from mmengine.dist import barrier, get_rank
 
 from .. import data as gdata
 from .registry import DATA_SAMPLERS, DATASETS, FUNCTIONS, TRANSFORMS
 
-__all__ = ['build_pipeline', 'CocoDetDataset', 'SyntheticCocoDataset']
+__all__ = ['build_pipeline', 'CocoDetDataset', 'SyntheticCocoDataset', 'DefaultSampler', 'InfiniteSampler']
 
 
 class _Implicit:
@@ -97,6 +99,28 @@ FUNCTIONS.register_module(name='gfl_collate', module=gdata.collate)
 
 DATA_SAMPLERS.register_module(name='AspectRatioBatchSampler', module=gdata.AspectRatioBatchSampler)
 DATA_SAMPLERS.register_module(name='IdentityBatchSampler', module=gdata.IdentityBatchSampler)
+
+
+@DATA_SAMPLERS.register_module(name='DefaultSampler')
+class DefaultSampler(_MMDefaultSampler):
+    """mmengine's ``DefaultSampler`` (the order a function of (seed, epoch), set by
+    ``DistSamplerSeedHook``) yielding :class:`gfl_det.data.SampleIndex`: each index carries the
+    seed and epoch, from which the dataset draws the sample's augmentation -- so workers,
+    persistent or not, and a resumed run see exactly the same data."""
+
+    def __iter__(self) -> Iterator[gdata.SampleIndex]:
+        seed, epoch = self.seed, self.epoch
+        return iter([gdata.SampleIndex(i, seed, epoch) for i in super().__iter__()])
+
+
+@DATA_SAMPLERS.register_module(name='InfiniteSampler')
+class InfiniteSampler(_MMInfiniteSampler):
+    """mmengine's ``InfiniteSampler`` yielding :class:`gfl_det.data.SampleIndex`; the n-th pass
+    over the dataset counts as epoch n."""
+
+    def _infinite_indices(self) -> Iterator[gdata.SampleIndex]:
+        for k, i in enumerate(super()._infinite_indices()):
+            yield gdata.SampleIndex(i, self.seed, k // self.size)
 
 
 @DATASETS.register_module(name='CocoDataset')

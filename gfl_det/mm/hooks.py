@@ -1,5 +1,6 @@
 """gfl_det's hooks: losses logged with one host sync per interval, pictures of the predictions,
-validation kept out of the random streams, and a report of bad input."""
+validation kept out of the random streams, a report of bad input, and checkpoints saved only
+from a clean training state."""
 from __future__ import annotations
 
 import os
@@ -7,16 +8,19 @@ import os.path as osp
 from typing import Any, Optional, Sequence
 
 import torch
+from mmengine.hooks import CheckpointHook as _MMCheckpointHook
 from mmengine.hooks import Hook, LoggerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from torch import Tensor
 
 from .. import data as gdata
+from ..guard import NonFiniteLossError
 from ..resume import capture_rng_state, restore_rng_state
 from .optim import DeferredScalars
 from .registry import HOOKS
 
-__all__ = ['DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook', 'DataReportHook']
+__all__ = ['DeferredRuntimeInfoHook', 'DrawPredictionsHook', 'ValRandomStateHook', 'DataReportHook',
+           'CheckpointHook']
 
 
 @HOOKS.register_module()
@@ -24,6 +28,10 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
     """mmengine's ``RuntimeInfoHook`` (epoch/iter/lr/metrics into the MessageHub) that keeps the
     per-iteration losses (and the grad norm) on the device and hands them to the MessageHub in
     ONE host sync per logging interval, just before the LoggerHook reads them.
+
+    The gradient norm is logged (``grad_norm``) with or without ``clip_grad``: with it, the
+    optim wrapper's clipping returns it; without, this hook computes it before each optimizer
+    step (one foreach norm over the gradients, on the device).
 
     The MessageHub ends up holding exactly what mmengine's hook would have put there (one value
     per iteration), so the smoothed log lines are the same; mmengine's hook calls ``.item()`` on
@@ -36,10 +44,40 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
         super().before_train(runner)
         self._pending: list[dict] = []
         loggers = [h for h in runner.hooks if isinstance(h, LoggerHook)]
-        self._interval = loggers[0].interval if loggers else 1
+        self._logger_hook = loggers[0] if loggers else None
         ow = runner.optim_wrapper
         if isinstance(ow, DeferredScalars):
             ow.defer_scalars = True
+        self._grad_norm: Optional[Tensor] = None
+        self._remove_norm_hook()
+        if not getattr(ow, 'clip_grad_kwargs', None):  # with clip_grad the wrapper logs the norm
+            self._norm_hook = ow.optimizer.register_step_pre_hook(self._record_grad_norm)
+
+    def _record_grad_norm(self, optimizer, args, kwargs) -> None:
+        """Before every optimizer step: the total gradient norm (as ``clip_grad_norm_`` computes
+        it: one foreach norm per device and dtype, then the norm of those), kept on the device.
+        Under float16 AMP the GradScaler has unscaled the gradients by then; a step it skips is
+        not recorded."""
+        grads = [p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
+        if grads:
+            with torch.no_grad():
+                self._grad_norm = torch.linalg.vector_norm(
+                    torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+    def _remove_norm_hook(self) -> None:
+        handle = getattr(self, '_norm_hook', None)
+        if handle is not None:
+            handle.remove()
+            self._norm_hook = None
+
+    def _log_now(self, runner, batch_idx: int) -> bool:
+        logger = getattr(self, '_logger_hook', None)
+        interval = logger.interval if logger is not None else 1
+        return (self.every_n_inner_iters(batch_idx, interval)
+                or self.every_n_train_iters(runner, interval)
+                or self.end_of_epoch(runner.train_dataloader, batch_idx)
+                or runner.iter + 1 >= runner.max_iters
+                or (hasattr(logger, 'logs_early') and logger.logs_early(runner)))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Optional[dict] = None) -> None:
@@ -48,11 +86,11 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
         vals = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in (outputs or {}).items()}
         if isinstance(runner.optim_wrapper, DeferredScalars):
             vals.update(runner.optim_wrapper.pop_pending_scalars())
+        if self._grad_norm is not None:
+            vals['grad_norm'] = self._grad_norm
+            self._grad_norm = None
         self._pending.append(vals)
-        if (self.every_n_inner_iters(batch_idx, self._interval)
-                or self.every_n_train_iters(runner, self._interval)
-                or self.end_of_epoch(runner.train_dataloader, batch_idx)
-                or runner.iter + 1 >= runner.max_iters):
+        if self._log_now(runner, batch_idx):
             self.flush(runner)
 
     def flush(self, runner) -> None:
@@ -72,6 +110,7 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
 
     def after_train(self, runner) -> None:
         self.flush(runner)
+        self._remove_norm_hook()
         super().after_train(runner)
 
 
@@ -191,3 +230,46 @@ class DataReportHook(Hook):
 
     def before_test(self, runner) -> None:
         self._report_dataset(runner, runner.test_dataloader, 'test')
+
+
+@HOOKS.register_module(name='CheckpointHook')
+class CheckpointHook(_MMCheckpointHook):
+    """mmengine's ``CheckpointHook`` (configs name it ``'CheckpointHook'``, same arguments) that
+    saves only a clean training state: it asks :meth:`GFLRunner.dirty_reason` first, and while
+    the non-finite guard has a streak open or the gradient or the weights have diverged
+    (:meth:`gfl_det.guard.NonFiniteGuard.dirty_reason`) it writes no epoch / iteration
+    checkpoint, deletes no old one to make room, and chooses no new best -- the log says why.
+    Non-finite weights stop training (:class:`gfl_det.guard.NonFiniteLossError`), and so does
+    a run that ends with its last checkpoint unsaved: the final state is a diverged one."""
+
+    unsaved: Optional[str] = None  # why the last checkpoint due was not written
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        guard = getattr(runner.optim_wrapper, 'guard', None)
+        if guard is not None and hasattr(runner, 'dirty_reason'):
+            runner.dirty_reason()  # the weights' reference size: when training starts
+
+    def after_train(self, runner) -> None:
+        super().after_train(runner)
+        if self.unsaved:
+            raise NonFiniteLossError(f'training ended in a state that was not saved: {self.unsaved}.')
+
+    def _clean(self, runner, what: str, filename: str) -> bool:
+        why = runner.dirty_reason(filename) if hasattr(runner, 'dirty_reason') else None
+        if why:
+            runner.logger.warning(f'iteration {runner.iter}: {what} NOT saved: {why}')
+            self.unsaved = f'iteration {runner.iter}: {why}'
+        return not why
+
+    def _save_checkpoint(self, runner) -> None:
+        step = runner.epoch + 1 if self.by_epoch else runner.iter + 1
+        if self._clean(runner, 'checkpoint', self.filename_tmpl.format(step)):
+            super()._save_checkpoint(runner)
+            self.unsaved = None
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        step = runner.epoch if self.by_epoch else runner.iter
+        if not self.save_best or self._clean(runner, 'best checkpoint (no new best chosen)',
+                                             f'best_{self.filename_tmpl.format(step)}'):
+            super()._save_best_checkpoint(runner, metrics)

@@ -59,14 +59,17 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     (BatchNorm running statistics, which the forward pass already updated, possibly with NaN)
     put back as they were before the forward pass -- so the model is exactly as before the step.
     It is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from the first
-    skip on; the count is saved in checkpoints with the optimizer state) and logged with the
+    skip on; the guard's state is saved in checkpoints with the optimizer state) and logged with the
     iteration (1-based, as mmengine's logs) and the loss term(s) that are non-finite, or the
     parameters whose gradient is. :class:`DeferredRuntimeInfoHook` leaves a skipped step's
     losses out of the logged (smoothed) values, so one NaN does not turn the next 50 log lines
     into NaN. ``max_consecutive`` skipped steps in a row raise
     :class:`gfl_det.guard.NonFiniteLossError` (:class:`GFLRunner` adds the last good checkpoint
-    to the message; nothing is saved from the broken state). The lr schedule moves on through a
-    skipped iteration, as it does for any iteration.
+    to the message). The guard also records each good step's largest absolute gradient, so that
+    it can tell a diverged state (:meth:`gfl_det.guard.NonFiniteGuard.dirty_reason`), which
+    :class:`gfl_det.mm.hooks.CheckpointHook` never saves. ``nonfinite_guard`` takes the guard's
+    keywords (``max_consecutive``, ``diverge_factor``, ``window``, ``min_history``). The lr
+    schedule moves on through a skipped iteration, as it does for any iteration.
 
     With gradient accumulation (``accumulative_counts > 1``) a bad micro-batch also discards the
     gradients accumulated before it in its window. For mixed precision see
@@ -75,6 +78,7 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
 
     _guard_grads = True  # AmpOptimWrapper: False when its GradScaler checks the gradients
     step_skipped = False  # the last update_params was skipped by the guard
+    _grad_max: Optional[float] = None  # the last checked step's largest |gradient|
 
     def __init__(self, *args: Any, nonfinite_guard: Union[dict, bool, None] = _DEFAULT_GUARD,
                  **kwargs: Any):
@@ -112,14 +116,17 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
                 torch._foreach_copy_(self._guard_backup, bufs)
 
     def _step_nonfinite(self, loss: Tensor) -> bool:
+        """Whether this step's loss or gradients are non-finite; the largest absolute gradient
+        goes to ``self._grad_max`` (None when the gradients are not checked). One host sync."""
         grads = ([p.grad for g in self.optimizer.param_groups for p in g['params']
                   if p.grad is not None] if self._guard_grads else [])
-        flag = NonFiniteGuard.nonfinite(loss, grads)
+        vals = NonFiniteGuard.check(loss, grads)
         import torch.distributed as tdist
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-            flag = flag.to(torch.int32)
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag)  # the one host sync
+            tdist.all_reduce(vals, op=tdist.ReduceOp.MAX)
+        flag, gmax = vals.tolist()  # the one host sync
+        self._grad_max = gmax if grads else None
+        return flag > 0
 
     def _skip_step(self, zero_kwargs: dict) -> None:
         m = self._guard_model
@@ -151,7 +158,8 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         if self.step_skipped:
             self._skip_step(zero_kwargs or {})
             return
-        self.guard.passed()
+        it = self.message_hub.get_info('iter')
+        self.guard.passed(self._grad_max, None if it is None else int(it) + 1)
         if self.should_update():
             self.step(**(step_kwargs or {}))
             self.zero_grad(**(zero_kwargs or {}))

@@ -1,23 +1,24 @@
 """mmengine's Runner with gfl_det's checkpoint policy.
 
-Checkpoint policy (torch >= 2.6 loads with ``weights_only=True`` by default, which mmengine
-0.10.7 predates, so its own resume fails on its own files):
+Checkpoint policy (see :mod:`gfl_det.checkpoint`): gfl_det never unpickles a checkpoint.
 
 * :meth:`GFLRunner.save_checkpoint` writes with :func:`gfl_det.checkpoint.atomic_save` (a kill
-  never leaves a half-written ``epoch_N.pth``) and stores only plain data: mmengine's MessageHub
-  (``HistoryBuffer`` objects, numpy values) is encoded as plain dicts and lists. So every file
-  our runner writes also loads with ``weights_only=True`` -- in tools/test.py, tools/demo.py,
-  ``load_from`` and in MMDetection itself.
-* :meth:`GFLRunner.resume` (``--resume``) loads our own work_dir checkpoints as TRUSTED
-  (:func:`gfl_det.checkpoint.load_trusted`), so a checkpoint written by plain mmengine/mmdet
-  resumes too.
-* ``load_from`` and every other checkpoint (model zoo, fine-tuning) go through
-  :func:`gfl_det.checkpoint.load_untrusted` (``weights_only=True``); we never fall back to
-  unsafe loading.
+  never leaves a half-written ``epoch_N.pth``) and stores only plain data
+  (:func:`gfl_det.checkpoint.to_plain`: mmengine's MessageHub and its ``HistoryBuffer``
+  objects, numpy values, the random generators' states, optimizer, scheduler and AMP scaler
+  states become dicts, lists, numbers and tensors; anything else is refused before writing).
+  Only a clean training state is saved (:meth:`GFLRunner.dirty_reason`, asked by
+  :class:`gfl_det.mm.hooks.CheckpointHook`).
+* Every load -- :meth:`GFLRunner.resume` (``--resume``, auto or PATH), ``load_from``,
+  tools/test.py -- reads with ``weights_only=True`` (:func:`gfl_det.checkpoint.load_untrusted`).
+  A full checkpoint written by plain mmengine / MMDetection holds pickled objects and is
+  refused, naming the one way on: ``python -m gfl_det.checkpoint convert --trust IN OUT``.
 """
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import os
 import os.path as osp
 import time
@@ -25,7 +26,6 @@ from collections import OrderedDict
 from typing import Any, Optional, Union
 
 import mmengine
-import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.dist import master_only
@@ -33,11 +33,12 @@ from mmengine.logging import HistoryBuffer, MessageHub, MMLogger
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import weights_to_cpu
-from mmengine.utils import apply_to
 
-from ..checkpoint import atomic_save, load_trusted, load_untrusted, load_weights
-from ..resume import capture_rng_state, find_latest_checkpoint, remove_partial_saves, restore_rng_state
+from ..checkpoint import (HISTORY_BUFFER, atomic_save, load_untrusted, load_weights, read_meta,
+                          to_plain)
 from ..guard import NonFiniteGuard, NonFiniteLossError
+from .console import log_startup_failure, quiet_console
+from ..resume import capture_rng_state, find_latest_checkpoint, remove_partial_saves, restore_rng_state
 from .hooks import DataReportHook, ValRandomStateHook
 from .registry import FUNCTIONS, RUNNERS
 
@@ -70,35 +71,18 @@ class MemoConfig(Config):
         return memo[1]
 
 
-_HB = '__history_buffer__'
-
-
 def encode_message_hub(state: dict) -> dict:
-    """mmengine ``MessageHub.state_dict()`` -> plain data that ``weights_only=True`` loads:
-    each ``HistoryBuffer`` becomes ``{'__history_buffer__': True, 'log_history': [...],
-    'count_history': [...], 'max_length': n}``; numpy values become Python numbers / lists."""
-    def plain(x: Any) -> Any:
-        if isinstance(x, HistoryBuffer):
-            log, count = x.data
-            return {_HB: True, 'log_history': np.asarray(log, np.float64).tolist(),
-                    'count_history': np.asarray(count, np.float64).tolist(),
-                    'max_length': int(x.max_length)}
-        if isinstance(x, np.generic):
-            return x.item()
-        if isinstance(x, np.ndarray):
-            return x.tolist()
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(plain(v) for v in x)
-        return x
-    return plain(state)
+    """mmengine ``MessageHub.state_dict()`` -> plain data that ``weights_only=True`` loads
+    (:func:`gfl_det.checkpoint.to_plain`): each ``HistoryBuffer`` becomes ``{HISTORY_BUFFER:
+    True, 'log_history': [...], 'count_history': [...], 'max_length': n}``; numpy values become
+    Python numbers; anything else raises, naming it."""
+    return to_plain(state, 'message_hub')
 
 
 def decode_message_hub(state: dict) -> dict:
     """Inverse of :func:`encode_message_hub` (a plain mmengine state dict passes unchanged)."""
     def back(x: Any) -> Any:
-        if isinstance(x, dict) and x.get(_HB):
+        if isinstance(x, dict) and x.get(HISTORY_BUFFER):
             return HistoryBuffer(x['log_history'], x['count_history'], x['max_length'])
         if isinstance(x, dict):
             return OrderedDict((k, back(v)) for k, v in x.items())
@@ -106,6 +90,20 @@ def decode_message_hub(state: dict) -> dict:
     out = dict(state)
     out['log_scalars'] = back(state.get('log_scalars', {}))
     return out
+
+
+def _to_cpu(x: Any) -> Any:
+    """Every tensor in a plain structure (dicts, lists, tuples) moved to the CPU."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        out = type(x)((k, _to_cpu(v)) for k, v in x.items())
+        if getattr(x, '_metadata', None) is not None:
+            out._metadata = x._metadata
+        return out
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
 
 
 def _local_checkpoint(filename: str) -> str:
@@ -125,15 +123,26 @@ def _local_checkpoint(filename: str) -> str:
 @RUNNERS.register_module()
 class GFLRunner(Runner):
     """mmengine's Runner with gfl_det's checkpoint policy (see the module docstring) and data
-    loader defaults (``pin_memory`` when CUDA is present)."""
+    loader defaults (``pin_memory`` when CUDA is present, a generator of the loader's own)."""
 
-    _trusted_load = False
+    _resuming = False
     _resumed_rng: Optional[dict] = None
 
     def __init__(self, *args: Any, cfg: Optional[Union[Config, dict]] = None, **kwargs: Any):
         if isinstance(cfg, dict) and not isinstance(cfg, Config):
             cfg = Config(cfg)
-        super().__init__(*args, cfg=None if cfg is None else MemoConfig.of(cfg), **kwargs)
+        # gfl_det.data's own warnings (for plain-PyTorch use) would print every bad image a
+        # second time, bare, from every worker process: DataReportHook and CocoMetric report
+        # them in the run's log. A NullHandler keeps them off the console (set before any
+        # worker forks; a logging configuration of the user's own still receives them).
+        data_log = logging.getLogger('gfl_det.data')
+        if not any(isinstance(h, logging.NullHandler) for h in data_log.handlers):
+            data_log.addHandler(logging.NullHandler())
+        try:
+            super().__init__(*args, cfg=None if cfg is None else MemoConfig.of(cfg), **kwargs)
+        except BaseException as e:  # a failed start: its reason goes into the run's log file
+            log_startup_failure(self, e)
+            raise
 
     # ------------------------------------------------------------------ hooks, train
     def register_hooks(self, default_hooks: Optional[dict] = None,
@@ -148,21 +157,22 @@ class GFLRunner(Runner):
     def train(self) -> torch.nn.Module:
         """mmengine's; a :class:`NonFiniteLossError` (too many non-finite steps in a row, or
         non-finite weights at a checkpoint) gets the last good checkpoint added to its message
-        and is logged before it propagates. Nothing is saved from the broken state."""
+        and is logged before it propagates. The last good checkpoint is the newest in the work
+        dir that was saved in a clean state (``meta['clean']``, see :meth:`dirty_reason`)."""
         try:
             return super().train()
         except NonFiniteLossError as e:
-            ckpt = find_latest_checkpoint(self.work_dir, logger=self.logger)
-            if ckpt is None:
-                where = 'No checkpoint had been written yet.'
+            clean = lambda meta: meta.get('clean') is True  # noqa: E731
+            try:
+                ckpt = find_latest_checkpoint(self.work_dir, logger=self.logger, accept=clean)
+            except Exception as err:  # noqa: BLE001 -- the error at hand matters more
+                ckpt, where = None, f'No last good checkpoint could be determined ({err}).'
             else:
-                try:
-                    meta = torch.load(ckpt, map_location='cpu', weights_only=False,
-                                      mmap=True).get('meta', {})
-                    at = f" (epoch {meta.get('epoch')}, iteration {meta.get('iter')})"
-                except Exception:  # noqa: BLE001 -- the name is what matters
-                    at = ''
-                where = (f'The last good checkpoint is {ckpt}{at}; continue from it with '
+                where = 'No checkpoint had been saved in a clean state.'
+            if ckpt is not None:
+                meta = read_meta(ckpt)
+                where = (f'The last good checkpoint is {ckpt} (epoch {meta.get("epoch")}, '
+                         f'iteration {meta.get("iter")}); continue from it with '
                          '`tools/train.py CONFIG --resume` once the cause is fixed.')
             e.args = (f'{e.args[0] if e.args else e} {where} No checkpoint was written from '
                       'the broken state.',) + tuple(e.args[1:])
@@ -184,7 +194,9 @@ class GFLRunner(Runner):
                    or MessageHub.check_instance_created(f'{base}_{i}')):
                 i += 1
             self._experiment_name = f'{base}_{i}'
-        return super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
+        logger = super().build_logger(log_level=log_level, log_file=log_file, **kwargs)
+        quiet_console(logger)  # environment, config and hook order: to the log file only
+        return logger
 
     # ------------------------------------------------------------------ CPU multi-process
     def setup_env(self, env_cfg: dict) -> None:
@@ -212,6 +224,11 @@ class GFLRunner(Runner):
                 dataloader['pin_memory'] = torch.cuda.is_available()
             if not dataloader.get('num_workers', 0):
                 dataloader.pop('persistent_workers', None)  # DataLoader refuses it without workers
+            if 'generator' not in dataloader:
+                # the loader's own generator draws the workers' base seed, not torch's global
+                # one: persistent workers (one draw) and fresh ones (one per epoch) would
+                # otherwise leave the training process's generator in different states
+                dataloader['generator'] = torch.Generator().manual_seed(0 if seed is None else seed)
             collate = dataloader.get('collate_fn')
             if isinstance(collate, dict) and isinstance(collate.get('type'), str):
                 # mmengine looks collate functions up in its root registry only
@@ -221,15 +238,39 @@ class GFLRunner(Runner):
         return Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
 
     # ------------------------------------------------------------------ save
+    def dirty_reason(self, filename: str = 'the checkpoint') -> Optional[str]:
+        """None when the training state may be saved, else why not: the non-finite guard's
+        verdict (:meth:`gfl_det.guard.NonFiniteGuard.dirty_reason`: a non-finite streak open, the
+        gradient or the weights diverged). Raises :class:`NonFiniteLossError` when a weight is
+        NaN/Inf (training cannot go on; ``filename`` is named as not written)."""
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        state = model.state_dict()
+        biggest = NonFiniteGuard.max_abs([v for v in state.values() if v.is_floating_point()])
+        biggest = 0.0 if biggest is None else float(biggest)  # weights and BN statistics
+        if not math.isfinite(biggest):
+            bad = [k for k, v in state.items()
+                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            raise NonFiniteLossError(
+                f'iteration {self.iter}: the model\'s weights are not finite ({len(bad)} '
+                f'tensor(s), e.g. {", ".join(bad[:3])}); {filename} was NOT written. Training '
+                'stopped; lower the learning rate or enable gradient clipping.')
+        guard = getattr(self.optim_wrapper, 'guard', None)
+        return None if guard is None else guard.dirty_reason(biggest)
+
     @master_only
     def save_checkpoint(self, out_dir: str, filename: str, file_client_args: Optional[dict] = None,
                         save_optimizer: bool = True, save_param_scheduler: bool = True,
                         meta: Optional[dict] = None, by_epoch: bool = True,
                         backend_args: Optional[dict] = None) -> None:
         """mmengine's checkpoint contents, written atomically and as plain data only (so it also
-        loads with ``weights_only=True``); local files only."""
+        loads with ``weights_only=True``); local files only. Nothing is written from a dirty
+        state (:meth:`dirty_reason`: logged); what is written carries ``meta['clean'] = True``."""
         if file_client_args or backend_args or '://' in str(out_dir):
             raise NotImplementedError('gfl_det writes checkpoints to local files only')
+        why = self.dirty_reason(filename)
+        if why:
+            self.logger.warning(f'{filename} NOT written: {why}')
+            return
         meta = dict(meta or {})
         if by_epoch:  # called from after_train_epoch, before the epoch counter moves on
             meta.setdefault('epoch', self.epoch + 1)
@@ -239,27 +280,17 @@ class GFLRunner(Runner):
             meta.setdefault('iter', self.iter + 1)
         meta.update(cfg=self.cfg.pretty_text, seed=self.seed, experiment_name=self.experiment_name,
                     time=time.strftime('%Y%m%d_%H%M%S', time.localtime()),
-                    mmengine_version=mmengine.__version__)
+                    mmengine_version=mmengine.__version__, clean=True)
         dataset_meta = getattr(self.train_dataloader.dataset, 'metainfo', None)
         if dataset_meta is not None:
             meta['dataset_meta'] = copy.deepcopy(dict(dataset_meta))
         model = self.model.module if is_model_wrapper(self.model) else self.model
-        state_dict = model.state_dict()
-        if bool(NonFiniteGuard.nonfinite(grads=[v for v in state_dict.values()
-                                                if v.is_floating_point()])):
-            bad = [k for k, v in state_dict.items()
-                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            raise NonFiniteLossError(
-                f'iteration {self.iter}: the model\'s weights are not finite ({len(bad)} '
-                f'tensor(s), e.g. {", ".join(bad[:3])}); {filename} was NOT written. Training '
-                'stopped; lower the learning rate or enable gradient clipping.')
-        to_cpu = lambda x: apply_to(x, lambda v: hasattr(v, 'cpu'), lambda v: v.cpu())  # noqa: E731
-        checkpoint = {'meta': meta, 'state_dict': weights_to_cpu(state_dict),
-                      'message_hub': to_cpu(encode_message_hub(self.message_hub.state_dict())),
-                      # for an exact resume (restored by resume(); plain tensors and numbers)
+        checkpoint = {'meta': meta, 'state_dict': weights_to_cpu(model.state_dict()),
+                      'message_hub': self.message_hub.state_dict(),
+                      # for an exact resume (restored by resume())
                       'rng_state': capture_rng_state()}
         if save_optimizer:
-            checkpoint['optimizer'] = to_cpu(self.optim_wrapper.state_dict())
+            checkpoint['optimizer'] = self.optim_wrapper.state_dict()
         if save_param_scheduler and self.param_schedulers is not None:
             if isinstance(self.param_schedulers, dict):
                 checkpoint['param_schedulers'] = {
@@ -267,34 +298,34 @@ class GFLRunner(Runner):
             else:
                 checkpoint['param_schedulers'] = [s.state_dict() for s in self.param_schedulers]
         self.call_hook('before_save_checkpoint', checkpoint=checkpoint)
-        atomic_save(checkpoint, osp.join(out_dir, filename))
+        # plain data only, on the CPU: anything that would need unpickling is refused, named
+        plain = to_plain(checkpoint)
+        plain = _to_cpu(plain)
+        atomic_save(plain, osp.join(out_dir, filename))
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
                         revise_keys: list = [(r'^module.', '')]) -> dict:  # noqa: B006 (mmengine's)
-        """Weights into the model. Untrusted (``weights_only=True``) unless called by
-        :meth:`resume` or the config says ``load_from_trusted = True``. Non-strict for
-        ``load_from`` (fine-tuning: keys that do not fit are reported and skipped) unless the
-        config says ``load_from_strict = True`` (tools/test.py); strict for resume. Sets
-        ``model.class_names`` from the checkpoint's meta."""
+        """Weights into the model, read with ``weights_only=True`` (every file: ``load_from``,
+        resume, tools/test.py). Non-strict for ``load_from`` (fine-tuning: keys that do not fit
+        are reported and skipped) unless the config says ``load_from_strict = True``
+        (tools/test.py); strict for resume. Sets ``model.class_names`` from the checkpoint's
+        meta."""
         path = _local_checkpoint(str(filename))
-        # resume, or the user vouched for load_from (tools/test.py --trust-checkpoint)
-        trusted = self._trusted_load or bool(self.cfg.get('load_from_trusted', False))
-        checkpoint = (load_trusted if trusted else load_untrusted)(path, map_location=map_location)
+        checkpoint = load_untrusted(path, map_location=map_location)
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get('message_hub'), dict):
             checkpoint['message_hub'] = decode_message_hub(checkpoint['message_hub'])
-        if self._trusted_load and isinstance(checkpoint, dict):  # resume: see resume()
+        if self._resuming and isinstance(checkpoint, dict):  # see resume()
             self._resumed_rng = checkpoint.get('rng_state')
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         model = self.model.module if is_model_wrapper(self.model) else self.model
-        strict = strict or self._trusted_load or bool(self.cfg.get('load_from_strict', False))
+        strict = strict or self._resuming or bool(self.cfg.get('load_from_strict', False))
         meta = load_weights(model, checkpoint, strict=strict, logger=self.logger)
         if meta.get('classes') and hasattr(model, 'class_names'):
             model.class_names = tuple(meta['classes'])
             self._check_classes(model.class_names)
         self._has_loaded = True
-        self.logger.info(f'Loaded {"trusted (resume)" if trusted else "weights-only"} checkpoint '
-                         f'{filename}')
+        self.logger.info(f'Loaded checkpoint {filename} (weights_only=True)')
         return checkpoint
 
     def _check_classes(self, classes: tuple) -> None:
@@ -312,27 +343,25 @@ class GFLRunner(Runner):
 
     def resume(self, filename: str, resume_optimizer: bool = True,
                resume_param_scheduler: bool = True, map_location: Any = 'default') -> None:
-        """mmengine's resume, reading the file as TRUSTED (our own work_dir checkpoint), then
+        """mmengine's resume, reading the file with ``weights_only=True`` (as every load), then
         putting back the random generators' states saved with it (python, numpy, torch, CUDA;
-        mmengine only re-seeds them, so data augmentation after a resume would differ from an
-        uninterrupted run). The AMP GradScaler state comes back with the optimizer state
-        (:class:`AmpOptimWrapper`), the non-finite skip count too (:class:`OptimWrapper`).
+        mmengine only re-seeds them). The AMP GradScaler state comes back with the optimizer
+        state (:class:`AmpOptimWrapper`), the non-finite guard's state too (:class:`OptimWrapper`).
 
-        Not restored: in a distributed run with ``randomness.diff_rank_seed=True`` (each rank
-        had its own states; the checkpoint holds rank 0's), and the states inside DataLoader
-        worker processes -- with ``persistent_workers=True`` those run on from one epoch to the
-        next and restart from their seed after a resume. Bit-exact resume therefore needs
-        ``num_workers=0`` or ``persistent_workers=False`` (mmengine seeds the workers of every
-        epoch alike), a deterministic run on the same hardware, and a resume from an epoch
-        checkpoint (mmengine's EpochBasedTrainLoop restarts a resumed epoch from its first
-        batch).
+        With the data augmentation drawn per sample from (seed, epoch, index) (:mod:`gfl_det.data`)
+        and each epoch's order from (seed, epoch) (``DefaultSampler``), a resumed run is
+        bit-identical to an uninterrupted one with any ``num_workers`` and persistent workers --
+        on the same hardware, deterministic algorithms, resuming from an epoch checkpoint
+        (mmengine's EpochBasedTrainLoop restarts a resumed epoch from its first batch). Not
+        restored: in a distributed run with ``randomness.diff_rank_seed=True`` (each rank had its
+        own states; the checkpoint holds rank 0's).
         """
-        self._trusted_load = True
+        self._resuming = True
         self._resumed_rng = None
         try:
             super().resume(filename, resume_optimizer, resume_param_scheduler, map_location)
         finally:
-            self._trusted_load = False
+            self._resuming = False
         rng, self._resumed_rng = self._resumed_rng, None
         if rng and not (self.distributed and self._randomness_cfg.get('diff_rank_seed')):
             done = restore_rng_state(rng)
@@ -341,9 +370,9 @@ class GFLRunner(Runner):
 
     def load_or_resume(self) -> None:
         """``resume=True`` without ``load_from``: the newest complete checkpoint in the work_dir
-        (:func:`gfl_det.checkpoint.find_latest_checkpoint` skips truncated files; the temp files
-        of saves interrupted by a kill are deleted first); none found: start from scratch,
-        saying so."""
+        (:func:`gfl_det.resume.find_latest_checkpoint` skips truncated files and stops at one
+        holding Python objects; the temp files of saves interrupted by a kill are deleted
+        first); none found: start from scratch, saying so."""
         if self._has_loaded:
             return
         resume_from = None

@@ -110,8 +110,7 @@ class GFL(nn.Module):
         img_shapes = host_tensor([m['img_shape'][:2] for m in metas], dev, torch.float32)
         sf = torch.tensor([m['scale_factor'][:2] for m in metas], dtype=torch.float64) if rescale else None
         cfg = self.test_cfg
-        dets = gfl_predict(outputs.cls, outputs.reg, list(priors.points.split(priors.num_level)),
-                           list(self.bbox_head.strides), img_shapes, sf, nms_pre=cfg['nms_pre'],
+        dets = gfl_predict(outputs.cls, outputs.reg, priors, img_shapes, sf, nms_pre=cfg['nms_pre'],
                            score_thr=cfg['score_thr'], iou_threshold=cfg['nms']['iou_threshold'],
                            max_per_img=cfg['max_per_img'], min_bbox_size=cfg['min_bbox_size'])
         return dets if outputs.embed is None else attach_embeddings(dets, outputs.embed)

@@ -1,0 +1,66 @@
+"""What one step dispatches (issue 17's measure of launch overhead): the aten operators of a
+training step, a loss call and an inference call stay at or below what they are now, counted
+by ``tools/benchmark.py --count-ops``; and the criterion is captured whole by torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ROOT, load_tool
+
+R50 = str(ROOT / 'configs' / 'gfl_r50.py')
+# R50, 2 images (the counts do not depend on the image size: 128x192 keeps the test quick).
+# Measured with this code; before it (main at a498bb3): loss 961, train 2257, infer 587.
+LIMITS = {
+    ('loss', 100): 501,  # the criterion forward + backward, 100 gt per image
+    ('train', 10): 1797,  # forward, loss, backward, SGD step (foreach), 10 gt
+    ('infer', 0): 419,  # forward + post-processing incl. NMS, BN folded (benchmark's default)
+}
+
+
+@pytest.fixture(scope='module')
+def bench():
+    return load_tool('benchmark')
+
+
+@pytest.mark.parametrize('task,num_gt', list(LIMITS), ids=[t for t, _ in LIMITS])
+def test_ops_per_iteration_do_not_grow(bench, task, num_gt):
+    args = bench.parse_args([R50, '--task', task, '--device', 'cpu', '--batch', '2', '--shape', '128', '192',
+                             '--num-gt', str(max(num_gt, 1)), '--iters', '1', '--warmup', '1', '--count-ops'])
+    res = bench.run(args)
+    limit = LIMITS[(task, num_gt)]
+    assert res['ops_per_iter'] <= limit, (
+        f'{task}: {res["ops_per_iter"]} aten ops per iteration, more than the {limit} reached '
+        f'before (most frequent: {res["ops_top"]})')
+    assert res['ops_per_iter'] > limit * 0.8, 'fewer ops than expected: lower LIMITS to keep the gain'
+
+
+def test_op_counter_counts_forward_and_backward(bench):
+    x = torch.randn(4, 3, requires_grad=True)
+    with bench.OpCounter() as c:
+        (x.relu() * 2).sum().backward()
+    assert c.counts['relu'] == 1 and c.counts['threshold_backward'] == 1 and c.counts['sum'] >= 1
+    assert c.total == sum(c.counts.values()) >= 5
+
+
+def test_criterion_is_captured_whole_by_torch_compile():
+    """No graph break anywhere in the loss (dense masks, no ``nonzero``, no ``.item()``, host
+    data only from the metas): dynamo traces it as one graph (``fullgraph=True``), with the
+    same values. The eager backend checks the capture without minutes of code generation."""
+    from mmengine.config import Config
+
+    from gfl_det.models import build_detector
+    bench = load_tool('benchmark')
+    model = build_detector(Config.fromfile(str(ROOT / 'configs' / 'gfl_r18_synthetic.py')).model.to_dict())
+    g = torch.Generator().manual_seed(0)
+    B, H, W = 2, 128, 160
+    metas = [dict(img_shape=(H, W), pad_shape=(H, W)) for _ in range(B)]
+    targets = bench.random_gt(g, B, 10, H, W, model.num_classes)
+    with torch.no_grad():
+        out = model(torch.randn(B, 3, H, W, generator=g))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.criterion, backend='eager', fullgraph=True)
+    got, want = compiled(out, targets, metas), model.criterion(out, targets, metas)
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, rtol=1e-6, atol=0), k
+    torch._dynamo.reset()

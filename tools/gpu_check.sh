@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Issue 17's GPU checks in one run, for a session that is lent the GPU machine (one H200; no
+# network, no mmengine/mmdet/pycocotools there: ../shared/device/README.md). Every step writes JSON
+# lines under $OUT as it goes (a cut run keeps what it measured) and has its own timeout:
+#
+#   count     tools/benchmark.py --count-ops on CUDA: aten ops per training step, loss call and
+#             inference call (R50, 2 x 512x768)                                    -> count_ops.jsonl
+#   sync      tools/benchmark.py --sync-check: torch.cuda.set_sync_debug_mode('error') over a training
+#             step (fp32, bf16), a loss call and an inference forward              -> sync.jsonl
+#   pipeline  tools/train.py configs/gfl_r50.py --amp on coco128 for one epoch (64 iterations of 2):
+#             the real pipeline's images/s (loader, hooks, guard, logging)         -> pipeline.jsonl
+#   bench     tools/bench_vs_mmdet.py --device cuda: our rows beside MMDetection's
+#             bench_mmdet_gpu.py (train 2 fp32/fp16/bf16, 16 fp16; infer 1 fp32/fp16, 8 fp16)
+#                                                                                  -> bench.jsonl
+# About 9 minutes in all; STEPS="count sync" (any subset, in that order) runs fewer.
+#
+# Here, once, from the project root (both git-ignored):
+#   bash ../shared/device/prepare_wheels.sh      # .whl/: the py3.12 wheels that machine lacks
+#   bash ../shared/device/stage_ref.sh           # .ref/: mmdet_ref, bench_mmdet_gpu.py, coco128
+# There (the run tool, carry [".whl", ".ref"], timeout 600):
+#   bash tools/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-$PWD/gpu_check_out}
+STEPS=${STEPS:-count sync pipeline bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { echo "pip install of .whl failed: $OUT/pip.log"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD
+PY=python3
+R50=configs/gfl_r50.py
+
+note() {  # step name, exit status -> steps.jsonl
+  echo "{\"step\": \"$1\", \"rc\": $2, \"time\": \"$(date +%H:%M:%S)\"}" >> "$OUT/steps.jsonl"
+  echo "== $1: exit $2"
+}
+bench() {  # output file, timeout, benchmark arguments...
+  local out=$1 limit=$2; shift 2
+  timeout "$limit" $PY tools/benchmark.py $R50 --device cuda --json "$@" >> "$OUT/$out" 2>> "$OUT/${out%.jsonl}.err"
+}
+
+{ nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"; } \
+  > "$OUT/env.txt" 2>&1
+
+for s in $STEPS; do
+  case $s in
+    count)
+      for t in "loss --num-gt 100" "train --num-gt 10" "infer --num-gt 10" "infer --num-gt 10 --no-fuse"; do
+        bench count_ops.jsonl 120 --task $t --batch 2 --shape 512 768 --iters 3 --warmup 2 --count-ops
+        note "count $t" $?
+      done ;;
+    sync)
+      for t in "train" "train --amp bf16" "loss" "infer"; do
+        bench sync.jsonl 120 --task $t --batch 2 --shape 800 1333 --num-gt 10 --iters 3 --warmup 2 --sync-check
+        note "sync $t" $?
+      done ;;
+    pipeline)
+      wd=/tmp/gfl_pipeline; rm -rf $wd
+      ref=$PWD/.ref/coco128
+      data="data_root=$ref/ ann_file=annotations/instances_coco128.json data_prefix.img=images/"
+      opts=""
+      for k in $data; do opts="$opts train_dataloader.dataset.$k val_dataloader.dataset.$k"; done
+      timeout 300 $PY tools/train.py $R50 --amp --work-dir $wd --cfg-options model.backbone.init_cfg=None \
+        $opts val_evaluator.ann_file=$ref/annotations/instances_coco128.json train_cfg.max_epochs=1 \
+        train_cfg.val_interval=2 default_hooks.checkpoint.interval=2 > "$OUT/pipeline.log" 2>&1
+      rc=$?
+      $PY - "$wd" >> "$OUT/pipeline.jsonl" <<'EOF'
+import glob, json, statistics, sys
+recs = [json.loads(l) for f in sorted(glob.glob(sys.argv[1] + '/*/vis_data/scalars.json'))[-1:] for l in open(f)]
+train = [r for r in recs if 'loss' in r and 'time' in r]
+late = [r for r in train if r['iter'] > 10] or train
+t = statistics.mean(r['time'] for r in late) if late else None
+print(json.dumps(dict(what='tools/train.py configs/gfl_r50.py --amp, coco128, batch 2', iters=[r['iter'] for r in train],
+                      s_per_iter=t, data_s=statistics.mean(r['data_time'] for r in late) if late else None,
+                      images_per_s=2 / t if t else None, grad_norm=[r.get('grad_norm') for r in train])))
+EOF
+      note pipeline $rc ;;
+    bench)
+      timeout 420 $PY tools/bench_vs_mmdet.py --device cuda --config $R50 > "$OUT/bench.jsonl" 2> "$OUT/bench.err"
+      note bench $? ;;
+    *) echo "unknown step $s (count sync pipeline bench)"; exit 2 ;;
+  esac
+done

@@ -369,7 +369,9 @@ def test_sigkill_during_atomic_save_never_corrupts(tmp_path):
     progressed, leftovers = 0, 0
     try:
         assert _readline(proc, deadline) == 'ready'
-        for rnd in range(1, 6):
+        for rnd in range(1, 21):  # at least 5 rounds; more until a kill has landed inside a save
+            if rnd > 5 and leftovers:
+                break
             proc.stdin.write(f'{rnd}\n')
             proc.stdin.flush()
             pid = int(_readline(proc, deadline))
@@ -381,6 +383,8 @@ def test_sigkill_during_atomic_save_never_corrupts(tmp_path):
             assert ckpt['x'].shape == (4_000_000,)
             assert bool((ckpt['x'] == step).all()), 'tensor and header from different saves'
             progressed += step > rnd * 100_000
+            # temp files left behind prove a kill landed in the middle of a save (the directory
+            # fsync after the rename can take most of a save on a loaded machine)
             leftovers = len([p for p in tmp_path.iterdir() if p.name.endswith('.tmp')])
         proc.stdin.close()
         assert proc.wait(timeout=20) == 0
@@ -389,8 +393,7 @@ def test_sigkill_during_atomic_save_never_corrupts(tmp_path):
             proc.kill()
             proc.wait()
     assert progressed >= 3, 'workers hardly saved anything: the kills tested nothing'
-    # temp files left behind prove kills landed in the middle of a save
-    assert leftovers >= 1
+    assert leftovers >= 1, 'no kill landed inside a save in 20 rounds'
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def gather_across_processes(emb: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     The loss is then computed over the union on every process, the same value everywhere. Only
     the local rows keep a gradient, scaled by W: DDP averages the parameter gradients over the
     W processes, so the average, sum_r dL/d emb_r * d emb_r / d theta, is exactly the gradient of
-    the single-process loss over the union (tests/test_embed_loss.py checks it with 2 processes).
+    the single-process loss over the union (tests/test_embed_dist.py checks it with 2 processes).
     Parameters the loss owns (ArcFace centres) get dL/dW on every process: their average is too."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return emb, ids

@@ -2,6 +2,7 @@
 identities it has never seen better than the same network untrained."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from gfl_det.data import CocoDataset, collate
@@ -9,9 +10,8 @@ from gfl_det.data.synthetic_reid import make_synthetic_reid_coco
 from gfl_det.embed_loss import select_best_positives
 from gfl_det.metric import retrieval_metrics
 from gfl_det.models import build_detector
-from gfl_det.postprocess import gather_prior_rows
 
-STEPS, MARGIN = 20, 0.1  # measured: MAP@R 0.14 untrained -> 0.33 after 20 steps
+STEPS, MARGIN = 20, 0.1  # measured: MAP@R 0.11 untrained -> 0.33 after 20 steps
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def separation(model, val) -> float:
         out = model(model.preprocess(b['inputs'], b['metas']))
         t = model.criterion.prior_targets(out, b['targets'], b['metas'])
         rows_b, rows_a = select_best_positives(t.pos, t.assigned, model.criterion.positives(out, t).quality, 1)
-        embs.append(gather_prior_rows(out.embed, rows_b, rows_a))
+        embs.append(model.bbox_head.embed.rows(out.embed, rows_b, rows_a))
         ids.append(b['targets'].ids[rows_b, t.assigned[rows_b, rows_a]])
     model.train()
     return retrieval_metrics(torch.cat(embs), torch.cat(ids))['map_at_r']
@@ -38,6 +38,7 @@ def test_a_few_dozen_steps_separate_unseen_identities(tmp_path):
     val = CocoDataset(paths['val_ann'], paths['val_img_dir'], tf, test_mode=True, identities='instance_id')
     assert not set(train.identity_names) & set(val.identity_names)  # unseen identities
     torch.manual_seed(0)
+    np.random.seed(0)  # the augmentations of samples read outside a DataLoader draw from numpy's global RNG
     model = build_detector(dict(
         backbone=dict(depth=18, base_channels=8, init_cfg=None, frozen_stages=-1, norm_eval=False),
         neck=dict(in_channels=[8, 16, 32, 64], out_channels=32),

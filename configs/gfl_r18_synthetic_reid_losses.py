@@ -30,4 +30,6 @@ LOSSES = dict(
     arcface=dict(type='arcface', num_ids=100, scale=16.0, margin=0.5),  # the 100 training identities
     siamese=dict(type='siamese', neg_per_pos=1.0),
 )
-model = dict(bbox_head=dict(embed=dict(loss=dict(_delete_=True, **LOSSES['{{$EMBED_LOSS:symm_triplet_facenet}}']))))
+# norm='GN': the dense GroupNorm tower the table was measured with (the default is the sparse one)
+model = dict(bbox_head=dict(embed=dict(norm='GN',
+                                       loss=dict(_delete_=True, **LOSSES['{{$EMBED_LOSS:symm_triplet_facenet}}']))))

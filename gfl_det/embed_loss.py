@@ -7,7 +7,7 @@ D embedding dimension, W processes.
     PriorTargets.pos / .assigned (B, A), Positives.quality (B, A)      from the criterion
       1. per gt its ``max_per_gt`` best positives by IoU quality       (b, a) rows, N of them
       2. identity = Targets.ids gathered through the assignment          ids (N,), -1 unknown dropped
-      3. their embeddings, read at the N rows of the maps                emb (N, D)
+      3. their embeddings, computed at the N rows only (EmbedHead.rows)   emb (N, D)
       4. all processes' rows gathered (the local ones keep their gradient)
       5. ONE metric loss over the whole batch (gfl_det.metric), so identities match across images
 
@@ -30,7 +30,7 @@ triplet margin, 0.2 for the other losses) -- FaceNet's measure of how much is le
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,6 @@ from .metric import (ArcFaceLoss, SiameseBinaryHead, contrastive_loss, npair_los
 from .metric.distance import normalize, pairwise_distance, same_identity
 from .metric.miners import margin_triplets
 from .metric.triplet import MINING
-from .postprocess import gather_prior_rows
 
 __all__ = ['EmbeddingLoss', 'LOSS_TYPES', 'select_best_positives', 'gather_across_processes']
 
@@ -124,10 +123,15 @@ class EmbeddingLoss(nn.Module):
         loss: ``dict(type=<one of LOSS_TYPES>, **options)`` (default a FaceNet triplet loss).
         loss_weight: multiplies the metric loss.
         max_per_gt: how many positives of each gt (its best by IoU quality) enter the loss.
+        rows: ``(HeadOutputs.embed, b, a) -> (N, D)`` unit embeddings of the rows (b_i, a_i)
+            (``EmbedHead.rows``; its weights belong to the head, so it is a plain attribute here,
+            not a submodule).
     """
 
-    def __init__(self, dim: int, loss: Optional[dict] = None, loss_weight: float = 1.0, max_per_gt: int = 4):
+    def __init__(self, dim: int, loss: Optional[dict] = None, loss_weight: float = 1.0, max_per_gt: int = 4,
+                 rows: Optional[Callable[[list, Tensor, Tensor], Tensor]] = None):
         super().__init__()
+        self.rows = rows
         cfg = dict(loss or dict(type='triplet', mining='facenet', margin=0.2))
         kind = cfg.pop('type', 'triplet')
         if kind not in LOSS_TYPES:
@@ -148,8 +152,9 @@ class EmbeddingLoss(nn.Module):
             self.siamese = SiameseBinaryHead(dim)
 
     def forward(self, outputs, targets, prior_targets, positives) -> dict[str, Tensor]:
-        if outputs.embed is None:
-            raise ValueError('the embedding loss needs the head\'s embeddings: HeadOutputs.embed is None')
+        if outputs.embed is None or self.rows is None:
+            raise ValueError('the embedding loss needs the head\'s embedding tower: HeadOutputs.embed is None '
+                             'or the term was built without the tower (use build_embedding)')
         if targets.ids is None:
             raise ValueError('bbox_head.embed is configured but the batch has no identities (Targets.ids): '
                              "give the annotations an 'instance_id' (CocoDataset(identities='instance_id')) "
@@ -158,7 +163,7 @@ class EmbeddingLoss(nn.Module):
         b, a = select_best_positives(t.pos, t.assigned, positives.quality, self.max_per_gt)  # (N,)
         ids = targets.ids[b, t.assigned[b, a]]  # (N,) the gt's identity
         known = (ids >= 0).nonzero().squeeze(1)
-        emb = gather_prior_rows([e.float() for e in outputs.embed], b[known], a[known])  # (N, D)
+        emb = self.rows(outputs.embed, b[known], a[known])  # (N, D)
         emb, ids = gather_across_processes(emb, ids[known])
         if not bool(torch.isfinite(emb).all()):  # a diverged step: NaN for the non-finite guard
             return {'loss_embed': emb.sum() * float('nan'), 'embed_active_triplets': emb.new_tensor(float('nan'))}

@@ -55,8 +55,8 @@ TOLERANCE = {'fp32': dict(box_px=0.05, score=1e-3), 'fp16': dict(box_px=2.0, sco
 
 
 def _head_outputs(model: nn.Module, x: Tensor) -> tuple[list[Tensor], list[Tensor], Optional[list[Tensor]]]:
-    """Per-level (cls logits [(B, C, H_l, W_l)], box logits [(B, 4(R+1), H_l, W_l)], embeddings
-    [(B, D, H_l, W_l)] or None): the one place export depends on the head's output format
+    """Per-level (cls logits [(B, C, H_l, W_l)], box logits [(B, 4(R+1), H_l, W_l)],
+    ``HeadOutputs.embed`` or None): the one place export depends on the head's output format
     (:class:`gfl_det.structures.HeadOutputs`)."""
     out = model(x)
     return out.cls, out.reg, out.embed
@@ -121,11 +121,14 @@ class GFLExportGraph(nn.Module):
                           embed_levels: Optional[list[Tensor]] = None) -> dict[str, Optional[Tensor]]:
         """Extra per-detection outputs, each given per prior as (B, A, D) (A = all levels' priors in
         (level, y, x) order); they are gathered at the kept detections' priors. A model with an
-        embedding branch gives ``{'embeddings': (B, A, D)}`` (unit vectors); plain GFL none. Called
+        embedding branch gives ``{'embeddings': (B, A, F)}``, its tower's features (run densely
+        here, whatever the tower's ``norm``), which
+        ``forward`` projects to (N, D) unit vectors after the gather; plain GFL none. Called
         with ``None`` arguments it must return the same names (values unused)."""
         if not self.with_embed:
             return {}
-        return {'embeddings': None if embed_levels is None else flatten_cls(embed_levels)}
+        embed = self.net.bbox_head.embed  # the tower over every location: a static graph
+        return {'embeddings': None if embed_levels is None else flatten_cls(embed.dense(embed_levels))}
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 BGR (B, H, W, 3) -> normalised RGB (B, 3, Hp, Wp), zero-padded to the divisor."""
@@ -194,8 +197,10 @@ class GFLExportGraph(nn.Module):
         extras = (self.per_prior_outputs(cls_levels, reg_levels, embed_levels) if self.with_embed
                   else self.per_prior_outputs(cls_levels, reg_levels))
         prior = priors[img, cand]
-        return (boxes[img, cand], scores[img, cand], labels[img, cand], img,
-                *(v.float()[img, prior] for v in extras.values()))
+        rows = {k: v[img, prior] for k, v in extras.items()}
+        if 'embeddings' in rows:  # the tower's features of the kept detections only -> unit embeddings
+            rows['embeddings'] = self.net.bbox_head.embed.project(rows['embeddings'])
+        return (boxes[img, cand], scores[img, cand], labels[img, cand], img, *(v.float() for v in rows.values()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ per-class NMS. Decisions can differ only for IoUs within rounding of the thresho
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torchvision
@@ -34,9 +34,12 @@ def flatten_reg(bbox_preds: list[Tensor], reg_max: int) -> Tensor:
     return torch.cat([r.flatten(2) for r in bbox_preds], 2).unflatten(1, (4, reg_max + 1)).permute(0, 3, 1, 2)
 
 
-def gather_prior_rows(levels: Sequence[Tensor], b: Tensor, a: Tensor) -> Tensor:
+def gather_prior_rows(levels: Sequence[Tensor], b: Tensor, a: Tensor,
+                      read: Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = None) -> Tensor:
     """Rows (b_i, a_i) of the per-level maps [(B, D, H_l, W_l)] as (N, D), a_i a prior index over
-    all levels. Reads only the N rows (no (B, A, D) copy of the maps); differentiable."""
+    all levels. Reads only the N rows (no (B, A, D) copy of the maps); differentiable.
+    ``read(map, b, y, x) -> (n, D')`` replaces the plain read ``map[b, :, y, x]`` (e.g. a small
+    network over each row's neighbourhood); rows come back in the order of (b, a)."""
     sizes = torch.tensor([e.shape[-2] * e.shape[-1] for e in levels], device=a.device)
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # (L + 1,)
     level = torch.bucketize(a, starts[1:], right=True)  # (N,) the level of each row
@@ -44,7 +47,8 @@ def gather_prior_rows(levels: Sequence[Tensor], b: Tensor, a: Tensor) -> Tensor:
     for i, e in enumerate(levels):
         sel = (level == i).nonzero().squeeze(1)
         j = a[sel] - starts[i]  # index inside the level, y * W_l + x
-        parts.append(e[b[sel], :, j // e.shape[-1], j % e.shape[-1]])  # (n_l, D)
+        y, x = j // e.shape[-1], j % e.shape[-1]
+        parts.append(e[b[sel], :, y, x] if read is None else read(e, b[sel], y, x))  # (n_l, D)
         where.append(sel)
     where = torch.cat(where)
     inverse = torch.empty_like(where)

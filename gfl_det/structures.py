@@ -27,8 +27,9 @@ class HeadOutputs:
     cls: list[Tensor]  # [(B, C, H_l, W_l)] joint class-quality logits (sigmoid = score x IoU)
     reg: list[Tensor]  # [(B, 4 (R + 1), H_l, W_l)] edge distributions, channel side * (R + 1) + bin
     #                    sides (left, top, right, bottom), already multiplied by the level's Scale
-    embed: Optional[list[Tensor]] = None  # [(B, D, H_l, W_l)] L2-normalised over D: the identity
-    #                    embedding of each location (only with ``bbox_head.embed``; models/embed_head.py)
+    embed: Optional[list[Tensor]] = None  # [(B, C', H_l, W_l)] the maps of the identity-embedding
+    #                    branch (only with ``bbox_head.embed``): ``bbox_head.embed.rows(embed, b, a)``
+    #                    gives the (N, D) unit embeddings of the rows read (models/embed_head.py)
 
     @property
     def level_shapes(self) -> list[tuple[int, int]]:

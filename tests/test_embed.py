@@ -39,17 +39,47 @@ def batch():
     return x, targets
 
 
-def test_tower_gives_unit_vectors_per_location_and_only_its_keys():
-    model = small_model()
-    out = model(torch.randn(2, 3, 128, 160))
-    assert [tuple(e.shape) for e in out.embed] == [(2, 16, h, w) for h, w in out.level_shapes]
-    norms = torch.cat([e.norm(dim=1).flatten() for e in out.embed])
+@pytest.mark.parametrize('norm', [None, 'GN'])
+def test_tower_gives_unit_vectors_per_location_and_only_its_keys(norm):
+    model = small_model(dict(EMBED, norm=norm))
+    x = torch.randn(2, 3, 128, 160)
+    out = model(x)
+    tower = model.bbox_head.embed
+    # None: the FPN maps themselves (the tower runs on the rows read); GN: the dense tower's features
+    assert [tuple(e.shape) for e in out.embed] == [(2, 32, h, w) for h, w in out.level_shapes]
+    dense = tower.dense_embeddings(model.neck(model.backbone(x)))  # the tower + 1x1 conv over every location
+    assert [tuple(e.shape) for e in dense] == [(2, 16, h, w) for h, w in out.level_shapes]
+    norms = torch.cat([e.norm(dim=1).flatten() for e in dense])
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # the rows computed alone equal the dense maps read afterwards: every location (borders and
+    # corners of every level included), and a few out of order
+    A = sum(h * w for h, w in out.level_shapes)
+    b, a = torch.arange(2).repeat_interleave(A), torch.arange(A).repeat(2)
+    assert torch.allclose(tower.rows(out.embed, b, a), flatten_cls(dense)[b, a], atol=1e-5)
+    b, a = torch.tensor([1, 0, 1, 0]), torch.tensor([5, A - 3, A - 1, 0])
+    assert torch.allclose(tower.rows(out.embed, b, a), flatten_cls(dense)[b, a], atol=1e-5)
     plain = small_model(embed=None)
     extra = set(model.state_dict()) - set(plain.state_dict())
     assert list(plain.state_dict()) == [k for k in model.state_dict() if k in plain.state_dict()]
     assert extra and all(k.startswith('bbox_head.embed.') for k in extra)
     assert plain(torch.randn(1, 3, 128, 160)).embed is None and 'extra_terms' not in str(list(plain.state_dict()))
+
+
+def test_sparse_tower_gradient_equals_the_dense_towers():
+    """norm=None: the loss's gradient through the N patches is the dense tower's, read at N rows."""
+    model = small_model(dict(EMBED, stacked_convs=2))
+    feats = [f.detach().requires_grad_() for f in model.neck(model.backbone(torch.randn(2, 3, 128, 160)))]
+    tower = model.bbox_head.embed
+    b, a = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 7, 300, 400, 427])  # of 428 priors: corners, P7
+    w = torch.randn(5, 16)
+    (tower.rows(tower(feats), b, a) * w).sum().backward()
+    sparse = [f.grad.clone() for f in feats] + [p.grad.clone() for p in tower.parameters()]
+    for t in feats + list(tower.parameters()):
+        t.grad = None
+    (flatten_cls(tower.dense_embeddings(feats))[b, a] * w).sum().backward()
+    dense = [f.grad for f in feats] + [p.grad for p in tower.parameters()]
+    for g, h in zip(sparse, dense):
+        assert torch.allclose(g, h, rtol=1e-4, atol=1e-5), (g - h).abs().max()
 
 
 def brute_force_selection(pos, assigned, quality, k):
@@ -88,7 +118,7 @@ def test_selection_on_a_real_assignment_and_the_identities_it_carries():
     assert torch.bincount(b * 10 + gts).max() <= 3 and len(set(zip(b.tolist(), gts.tolist()))) == 5
     ids = targets.ids[b, gts]
     assert set(ids.tolist()) == {7, 8, 9, -1}  # the unknown one is dropped by the loss, not here
-    flat = flatten_cls(out.embed)  # (B, A, D)
+    flat = flatten_cls(out.embed)  # (B, A, C')
     assert torch.equal(gather_prior_rows(out.embed, b, a), flat[b, a])
 
 
@@ -130,6 +160,8 @@ def test_config_errors_name_the_problem():
         small_model(dict(EMBED, loss=dict(type='triplet', mining='semi')))
     with pytest.raises(ValueError, match='needs num_ids'):
         small_model(dict(EMBED, loss=dict(type='arcface')))
+    with pytest.raises(ValueError, match=r"bbox_head.embed.norm='BN' is not implemented.*None, 'GN'"):
+        small_model(dict(EMBED, norm='BN'))
     with pytest.raises(ValueError, match='bbox_head.embed.size is not an option'):
         small_model(dict(EMBED, size=3))
     with pytest.raises(ValueError, match='max_per_gt'):
@@ -163,7 +195,7 @@ def test_inference_returns_each_detections_embedding():
         model.bbox_head.gfl_cls.bias.fill_(0.0)  # scores ~0.5: plenty of detections
         x, _ = batch()
         dets = model.predict(x, METAS)
-        flat = flatten_cls(model(x).embed)
+        flat = flatten_cls(model.bbox_head.embed.dense_embeddings(model.neck(model.backbone(x))))
     for i, d in enumerate(dets):
         assert len(d['bboxes']) > 10 and d['embeddings'].shape == (len(d['bboxes']), 16)
-        assert torch.allclose(d['embeddings'], flat[i, d['prior_idx']])
+        assert torch.allclose(d['embeddings'], flat[i, d['prior_idx']], atol=1e-6)

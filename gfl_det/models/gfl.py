@@ -113,7 +113,7 @@ class GFL(nn.Module):
         dets = gfl_predict(outputs.cls, outputs.reg, priors, img_shapes, sf, nms_pre=cfg['nms_pre'],
                            score_thr=cfg['score_thr'], iou_threshold=cfg['nms']['iou_threshold'],
                            max_per_img=cfg['max_per_img'], min_bbox_size=cfg['min_bbox_size'])
-        return dets if outputs.embed is None else attach_embeddings(dets, outputs.embed)
+        return dets if outputs.embed is None else attach_embeddings(dets, outputs.embed, self.bbox_head.embed)
 
 
 def check_test_cfg(test_cfg: Optional[dict]) -> dict:

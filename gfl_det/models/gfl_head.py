@@ -72,7 +72,7 @@ class GFLHead(nn.Module):
 
     def forward(self, feats: Sequence[Tensor]) -> HeadOutputs:
         """FPN maps -> cls logits [(B, C, H_l, W_l)], reg logits [(B, 4(R+1), H_l, W_l)] (and the
-        embeddings [(B, D, H_l, W_l)] when the head has an ``embed`` tower)."""
+        embedding branch's maps when the head has an ``embed`` tower: see embed_head.py)."""
         cls_out, reg_out = [], []
         for x, scale in zip(feats, self.scales):
             c, r = x, x

@@ -33,6 +33,11 @@ def test_ops_per_iteration_do_not_grow(bench, task, num_gt):
         f'{task}: {res["ops_per_iter"]} aten ops per iteration, more than the {limit} reached '
         f'before (most frequent: {res["ops_top"]})')
     assert res['ops_per_iter'] > limit * 0.8, 'fewer ops than expected: lower LIMITS to keep the gain'
+    # no op that makes a GPU wait for the host in a training step or a loss call; inference: only
+    # post-processing's, whose output size is data (postprocess.batched_class_nms: the candidates
+    # above score_thr, the NMS offset, the max_per_img cut)
+    want = {'nonzero': 1, '_local_scalar_dense': 1, 'index (boolean mask)': 1} if task == 'infer' else {}
+    assert res['host_syncs'] == want, res['host_syncs']
 
 
 def test_op_counter_counts_forward_and_backward(bench):
@@ -41,6 +46,11 @@ def test_op_counter_counts_forward_and_backward(bench):
         (x.relu() * 2).sum().backward()
     assert c.counts['relu'] == 1 and c.counts['threshold_backward'] == 1 and c.counts['sum'] >= 1
     assert c.total == sum(c.counts.values()) >= 5
+    assert c.host_syncs == {}
+    with bench.OpCounter() as c:
+        y = x[x > 0]  # a boolean mask: its size is a device value
+        float(y.sum())
+    assert c.host_syncs == {'index (boolean mask)': 1, '_local_scalar_dense': 1}
 
 
 def test_criterion_is_captured_whole_by_torch_compile():

@@ -70,7 +70,8 @@ def parse_args(argv=None):
                         "aten operators it dispatched (every kernel call a GPU would launch, views included): per "
                         "training step (forward, loss, backward, optimizer step), per loss call (forward + backward) "
                         "or per inference call (forward + post-processing); --json adds ops_per_iter, view_ops_per_iter "
-                        "(those only making a view: no kernel) and ops_top")
+                        "(those only making a view: no kernel), ops_top and host_syncs (the ops among them that "
+                        "make a GPU wait for the host: .item(), nonzero, ...)")
     p.add_argument("--sync-check", action="store_true",
                    help="CUDA: after the timed iterations, run one more training step / loss call / inference forward "
                         "(without post-processing, whose NMS needs one sync) under torch.cuda.set_sync_debug_mode"
@@ -78,6 +79,10 @@ def parse_args(argv=None):
                         "sync_error and sync_at (where it happened)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
+
+
+SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim",
+                      "unique_consecutive", "repeat_interleave"})
 
 
 class OpCounter(TorchDispatchMode):
@@ -90,11 +95,26 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
         self.views = 0
+        self.mask_indexing = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        self.counts[name] += 1
         self.views += bool(getattr(func, "is_view", False))
+        if name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1 and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+            self.mask_indexing += 1  # a boolean mask: nonzero inside, not dispatched on its own on the CPU
         return func(*args, **(kwargs or {}))
+
+    @property
+    def host_syncs(self) -> dict:
+        """The dispatched ops that make a GPU wait for the host to read a value or a size
+        (``.item()`` / ``bool()`` / ``float()`` of a tensor, ``nonzero`` and what calls it:
+        boolean-mask indexing, ``masked_select``, ``unique``, ``repeat_interleave`` without its
+        output size): on the CPU, the count of what ``torch.cuda.set_sync_debug_mode`` would stop
+        on a GPU."""
+        out = {k: v for k, v in self.counts.items() if k in SYNC_OPS}
+        return {**out, "index (boolean mask)": self.mask_indexing} if self.mask_indexing else out
 
     @property
     def total(self) -> int:
@@ -271,6 +291,7 @@ def run(args) -> dict:
         res["ops_per_iter"] = counter.total
         res["view_ops_per_iter"] = counter.views
         res["ops_top"] = dict(counter.counts.most_common(12))
+        res["host_syncs"] = counter.host_syncs
     if args.sync_check:
         res.update(sync_check(step if args.task != "infer" else forward, device, args.task))
     if args.task == "infer":
@@ -323,6 +344,8 @@ def main(argv=None):
             top = ", ".join(f"{k} {v}" for k, v in res["ops_top"].items())
             print(f"  {res['ops_per_iter']} aten ops per {what} ({res['view_ops_per_iter']} of them views); "
                   f"most frequent: {top}")
+            syncs = ", ".join(f"{k} {v}" for k, v in res["host_syncs"].items()) or "none"
+            print(f"  ops that wait for the host on a GPU: {syncs}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ def test_one_shot_accuracy_by_hand():
     # whichever example of each identity is enrolled, [0, 0.2] and [5, 5.1] are identified right;
     # 2.4 goes right only when it is closer to the enrolled 1 than to the enrolled 0
     assert 3 / 4 <= acc <= 1.0
+    # over all 9 enrolments: right 4 of 4 when 2.4 is the enrolled 1 (1 in 3), else 3 of 4
+    expected = 1 / 3 * 1.0 + 2 / 3 * 3 / 4
+    assert abs(one_shot_accuracy(emb, ids, seed=0, trials=400) - expected) < 0.02
+    assert one_shot_accuracy(emb, ids, seed=0, trials=1) in (3 / 4, 1.0)  # a single draw: one of the two
     assert math.isnan(one_shot_accuracy(emb[:2], torch.tensor([0, 1])))  # one example each: no query
     far = torch.tensor([[0.], [10.], [20.], [0.1], [10.1], [20.1]])
     assert one_shot_accuracy(far, torch.tensor([0, 1, 2, 0, 1, 2])) == 1.0

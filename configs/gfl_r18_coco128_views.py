@@ -20,8 +20,8 @@ model = dict(
     backbone=dict(depth=18, base_channels=base_channels, frozen_stages=-1, norm_eval=False, init_cfg=None),
     neck=dict(in_channels=[base_channels * 2**i for i in range(4)], out_channels=64),
     bbox_head=dict(num_classes=80, in_channels=64, feat_channels=64, stacked_convs=2, embed=dict(
-        # norm='GN': the dense GroupNorm tower the README's coco128 figure was measured with
-        dim=128, stacked_convs=2, norm='GN',
+        # norm='GN', bn_neck=False: the dense GroupNorm tower the README's coco128 figure was measured with
+        dim=128, stacked_convs=2, norm='GN', bn_neck=False,
         loss=dict(type='triplet', mining='facenet', margin=0.2, synthesis='symmetrical'),
         loss_weight=1.0, max_per_gt=4)))
 

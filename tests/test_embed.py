@@ -41,7 +41,7 @@ def batch():
 
 @pytest.mark.parametrize('norm', [None, 'GN'])
 def test_tower_gives_unit_vectors_per_location_and_only_its_keys(norm):
-    model = small_model(dict(EMBED, norm=norm))
+    model = small_model(dict(EMBED, norm=norm)).eval()  # the BN neck's running statistics: rows alike
     x = torch.randn(2, 3, 128, 160)
     out = model(x)
     tower = model.bbox_head.embed
@@ -65,9 +65,28 @@ def test_tower_gives_unit_vectors_per_location_and_only_its_keys(norm):
     assert plain(torch.randn(1, 3, 128, 160)).embed is None and 'extra_terms' not in str(list(plain.state_dict()))
 
 
+def test_bn_neck_standardises_the_rows_read_in_training():
+    model = small_model(dict(EMBED, stacked_convs=2))  # training mode
+    tower = model.bbox_head.embed
+    feats = model.neck(model.backbone(torch.randn(2, 3, 128, 160)))
+    b, a = torch.arange(2).repeat_interleave(40), torch.arange(0, 400, 10).repeat(2)
+    rows = gather_prior_rows(tower.dense(tower(feats)), b, a)  # (80, F) the tower's features, ReLU: all >= 0
+    assert (rows >= 0).all() and rows.mean(0).abs().max() > 0  # one shared mean direction ...
+    bn = tower.bn_neck
+    standard = (rows - rows.mean(0)) / (rows.var(0, unbiased=False) + bn.eps).sqrt()
+    want = torch.nn.functional.normalize(standard @ tower.out.weight.flatten(1).t() + tower.out.bias, dim=1)
+    assert torch.allclose(tower.project(rows), want, atol=1e-5)  # ... removed over the batch's rows
+    assert torch.allclose(bn.running_mean, 0.1 * rows.mean(0).detach(), atol=1e-6)  # and remembered
+    one = tower.project(rows[:1])  # a single row (no batch statistics): the running ones, as in eval
+    model.eval()
+    assert torch.allclose(one, tower.project(rows[:1]), atol=1e-6)
+    assert 'bbox_head.embed.bn_neck.running_mean' in model.state_dict()
+    assert not any('bn_neck' in k for k in small_model(dict(EMBED, bn_neck=False)).state_dict())
+
+
 def test_sparse_tower_gradient_equals_the_dense_towers():
     """norm=None: the loss's gradient through the N patches is the dense tower's, read at N rows."""
-    model = small_model(dict(EMBED, stacked_convs=2))
+    model = small_model(dict(EMBED, stacked_convs=2)).eval()
     feats = [f.detach().requires_grad_() for f in model.neck(model.backbone(torch.randn(2, 3, 128, 160)))]
     tower = model.bbox_head.embed
     b, a = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 7, 300, 400, 427])  # of 428 priors: corners, P7

@@ -7,7 +7,8 @@ N rows read (the loss's selected positives in training, the kept detections at i
 k = stacked_convs, P = 2k + 1.
 
     FPN P3..P7 --(shared over levels)--> k x [conv3x3 (+ GN(32)) + ReLU]     (B, F, H_l, W_l)
-    rows read at N priors (N, F) --> project: conv1x1 to D --> x / |x| over D  (N, D)
+    rows read at N priors (N, F) --> project: BN over the rows (BNNeck) --> conv1x1 to D
+                                     --> x / |x| over D                       (N, D)
 
 Only the rows that are read are computed to the end, never every location of every level:
 
@@ -70,7 +71,7 @@ class EmbedHead(nn.Module):
 
     def __init__(self, in_channels: int, feat_channels: int = 256, dim: int = 128,
                  stacked_convs: int = 2, norm: Optional[str] = None, num_groups: int = 32,
-                 feature_grad: float = 1.0):
+                 feature_grad: float = 1.0, bn_neck: bool = True):
         super().__init__()
         if norm not in (None, 'GN'):
             raise ValueError(f"bbox_head.embed.norm={norm!r}: supported None (no norm) and 'GN'")
@@ -80,6 +81,11 @@ class EmbedHead(nn.Module):
         self.convs = nn.ModuleList(ConvGN(c, feat_channels, num_groups) if norm == 'GN' else ConvReLU(c, feat_channels)
                                    for c in cins[:stacked_convs])
         self.out = nn.Conv2d(feat_channels if stacked_convs else in_channels, dim, 1)
+        # BNNeck (Luo et al., "Bag of tricks for person re-identification", 2019): the rows' features
+        # standardised over the batch's rows (running statistics at inference) before the 1x1 conv.
+        # Without it the tower's ReLU features share one large mean direction, every embedding
+        # starts near the same point, and batch-hard triplets can stay collapsed there (loss = margin)
+        self.bn_neck = nn.BatchNorm1d(self.out.in_channels) if bn_neck else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 if norm is None and m is not self.out:  # no norm to rescale: keep the activations' scale
@@ -138,12 +144,19 @@ class EmbedHead(nn.Module):
         """Tower features (..., F) -> float32 embeddings (..., D) on the unit sphere: the 1x1 conv,
         then L2 (in float32 also under autocast / a half-precision export)."""
         w = self.out.weight.flatten(1)  # (D, F)
-        return F.normalize(F.linear(rows.to(w.dtype), w, self.out.bias).float(), dim=-1)
+        rows = rows.to(w.dtype)
+        if self.bn_neck is not None:
+            bn, shape = self.bn_neck, rows.shape
+            batch_stats = bn.training and rows[..., 0].numel() > 1  # one row has no batch statistics
+            rows = F.batch_norm(rows.reshape(-1, shape[-1]), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                batch_stats, bn.momentum, bn.eps).reshape(shape)
+        return F.normalize(F.linear(rows, w, self.out.bias).float(), dim=-1)
 
     def dense_embeddings(self, feats: Sequence[Tensor]) -> list[Tensor]:
         """FPN maps -> embeddings of every location [(B, D, H_l, W_l)] (analysis; the model itself
-        computes only the rows it reads)."""
-        return [F.normalize(self.out(x), dim=1) for x in self.dense(self.forward(feats))]
+        computes only the rows it reads). In eval mode: in training the BN neck's statistics are
+        those of the rows read."""
+        return [self.project(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for x in self.dense(self.forward(feats))]
 
 
 def attach_embeddings(dets: list[dict], maps: Sequence[Tensor], embed: EmbedHead) -> list[dict]:
@@ -161,7 +174,8 @@ def build_embedding(cfg: Optional[dict], in_channels: int, feat_channels: int
     """``model.bbox_head.embed`` -> (tower, loss term), or (None, None) when not configured.
 
     Keys: ``dim`` (128), ``stacked_convs`` (2), ``feat_channels`` (the head's), ``norm`` (None:
-    the tower runs on the rows read only; ``'GN'``: densely, as the GFL towers), ``loss`` (a dict
+    the tower runs on the rows read only; ``'GN'``: densely, as the GFL towers), ``bn_neck``
+    (True: BatchNorm over the rows' features before the 1x1 conv), ``loss`` (a dict
     with ``type`` one of :data:`gfl_det.embed_loss.LOSS_TYPES` and that loss's options),
     ``loss_weight`` (1.0), ``max_per_gt`` (4: embeddings per gt entering the loss),
     ``feature_grad`` (1.0: the embedding loss's gradient into the shared FPN is multiplied by it;
@@ -169,14 +183,16 @@ def build_embedding(cfg: Optional[dict], in_channels: int, feat_channels: int
     if cfg is None:
         return None, None
     cfg = check_keys('bbox_head.embed', dict(cfg), dim=None, stacked_convs=None, feat_channels=None,
-                     norm=(None, 'GN'), loss=None, loss_weight=None, max_per_gt=None, feature_grad=None)
+                     norm=(None, 'GN'), bn_neck=(True, False), loss=None, loss_weight=None, max_per_gt=None,
+                     feature_grad=None)
     dim, convs = int(cfg.get('dim', 128)), int(cfg.get('stacked_convs', 2))
     feat = int(cfg.get('feat_channels') or feat_channels)
     grad = float(cfg.get('feature_grad', 1.0))
     if dim < 1 or convs < 0 or feat < 1 or not 0 <= grad <= 1:
         raise ValueError(f'bbox_head.embed: dim ({dim}) and feat_channels ({feat}) must be >= 1, '
                          f'stacked_convs ({convs}) >= 0, feature_grad ({grad}) in [0, 1]')
-    tower = EmbedHead(in_channels, feat, dim, convs, norm=cfg.get('norm'), feature_grad=grad)
+    tower = EmbedHead(in_channels, feat, dim, convs, norm=cfg.get('norm'), feature_grad=grad,
+                      bn_neck=cfg.get('bn_neck', True))
     loss = EmbeddingLoss(dim, cfg.get('loss'), loss_weight=cfg.get('loss_weight', 1.0),
                          max_per_gt=cfg.get('max_per_gt', 4), rows=tower.rows)
     return tower, loss

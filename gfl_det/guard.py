@@ -13,8 +13,9 @@ writes nothing -- no epoch checkpoint, no new best -- while it is not). Clean me
 * no non-finite streak is open (the last step was not skipped);
 * the last step's largest absolute gradient is at most ``diverge_factor`` (1000) times the
   median of the previous ``window`` (100) steps' (judged once ``min_history`` (20) are known);
-* the largest absolute value of the model's state (weights and BatchNorm statistics) is at
-  most ``diverge_factor`` times max(1, its value when training started).
+* the largest absolute value of the model's state (weights and BatchNorm statistics, a
+  running variance taken as its standard deviation) is at most ``diverge_factor`` times
+  max(1, its value when training started).
 
 How to use it (``gfl_det.mm.optim.OptimWrapper`` does this under mmengine): after backward,
 :meth:`NonFiniteGuard.check` reduces the total loss and every gradient to two numbers on the

@@ -190,13 +190,13 @@ class BreakWeights(Hook):
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, iteration, value=float('inf')):
-        self.iteration, self.value = iteration, value
+    def __init__(self, iteration, value=float('inf'), target='bbox_head.gfl_cls.bias'):
+        self.iteration, self.value, self.target = iteration, value, target
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         if runner.iter + 1 == self.iteration:
             with torch.no_grad():
-                runner.model.bbox_head.gfl_cls.bias[0] = self.value
+                runner.model.state_dict()[self.target].view(-1)[0] = self.value
 
 
 def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, data_root):
@@ -273,6 +273,18 @@ def test_a_diverged_state_is_never_saved(tmp_path, data_root, case):
     text = log_text(wd)
     assert 'iteration 8: checkpoint NOT saved' in text
     assert 'iteration 8: best checkpoint (no new best chosen) NOT saved' in text
+
+
+def test_a_large_running_variance_is_a_scale_not_a_divergence(tmp_path, data_root):
+    """A BatchNorm running variance of 1e6 is a standard deviation of 1e3: within the bound
+    (16,000) where the variance itself is not; every checkpoint is written."""
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=2)
+    wd = tmp_path / 'work'
+    runner = build_runner(cfg, wd)
+    runner.register_hook(BreakWeights(8, value=1e6, target='backbone.bn1.running_var'))
+    runner.train()
+    assert {'epoch_1.pth', 'epoch_2.pth'} <= {p.name for p in wd.glob('*.pth')}
+    assert 'NOT saved' not in log_text(wd)
 
 
 # ------------------------------------------------------------------ the optim wrapper alone

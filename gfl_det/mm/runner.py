@@ -245,8 +245,12 @@ class GFLRunner(Runner):
         NaN/Inf (training cannot go on; ``filename`` is named as not written)."""
         model = self.model.module if is_model_wrapper(self.model) else self.model
         state = model.state_dict()
-        biggest = NonFiniteGuard.max_abs([v for v in state.values() if v.is_floating_point()])
-        biggest = 0.0 if biggest is None else float(biggest)  # weights and BN statistics
+        # weights and BN statistics; a running variance as its standard deviation -- a squared
+        # scale would flag the ordinary growth of an unnormalised feature's scale (the embedding
+        # branch's BN neck sees raw ReLU features: variance 2e4, std 140, is no divergence)
+        biggest = NonFiniteGuard.max_abs([v.abs().sqrt() if k.endswith('running_var') else v
+                                          for k, v in state.items() if v.is_floating_point()])
+        biggest = 0.0 if biggest is None else float(biggest)
         if not math.isfinite(biggest):
             bad = [k for k, v in state.items()
                    if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -30,7 +30,7 @@ LOSSES = dict(
     arcface=dict(type='arcface', num_ids=100, scale=16.0, margin=0.5),  # the 100 training identities
     siamese=dict(type='siamese', neg_per_pos=1.0),
 )
-# norm='GN', bn_neck=False: the dense GroupNorm tower the table was measured with (the default is
-# the sparse tower with a BN neck)
-model = dict(bbox_head=dict(embed=dict(norm='GN', bn_neck=False,
+# norm='GN', bn_neck=False, feature_grad=1.0: the dense GroupNorm tower, without a BN neck, and the
+# whole gradient into the FPN, as the table was measured (the reid config now differs in all three)
+model = dict(bbox_head=dict(embed=dict(norm='GN', bn_neck=False, feature_grad=1.0,
                                        loss=dict(_delete_=True, **LOSSES['{{$EMBED_LOSS:symm_triplet_facenet}}']))))

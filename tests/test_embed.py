@@ -65,6 +65,27 @@ def test_tower_gives_unit_vectors_per_location_and_only_its_keys(norm):
     assert plain(torch.randn(1, 3, 128, 160)).embed is None and 'extra_terms' not in str(list(plain.state_dict()))
 
 
+@pytest.mark.parametrize('norm', [None, 'GN'])
+def test_feature_grad_scales_only_the_gradient_into_the_fpn(norm):
+    """feature_grad=g: the same embeddings and tower gradients; the FPN maps get g x the gradient."""
+    grads = {}
+    for g in (1.0, 0.25, 0.0):
+        model = small_model(dict(EMBED, stacked_convs=2, norm=norm, feature_grad=g)).eval()
+        feats = [f.detach().requires_grad_() for f in model.neck(model.backbone(torch.randn(2, 3, 128, 160)))]
+        tower = model.bbox_head.embed
+        rows = tower.rows(tower(feats), torch.tensor([0, 1, 1]), torch.tensor([3, 200, 427]))
+        (rows * torch.arange(16.)).sum().backward()
+        grads[g] = (rows.detach(), [f.grad if f.grad is not None else torch.zeros_like(f) for f in feats],
+                    [p.grad.clone() for p in tower.parameters()])
+    for g in (0.25, 0.0):
+        assert torch.equal(grads[g][0], grads[1.0][0])
+        for got, want in zip(grads[g][1], grads[1.0][1]):
+            assert torch.allclose(got, g * want, atol=1e-7)
+        for got, want in zip(grads[g][2], grads[1.0][2]):
+            assert torch.allclose(got, want, atol=1e-6)
+    assert any(w.abs().sum() > 0 for w in grads[1.0][1])
+
+
 def test_bn_neck_standardises_the_rows_read_in_training():
     model = small_model(dict(EMBED, stacked_convs=2))  # training mode
     tower = model.bbox_head.embed

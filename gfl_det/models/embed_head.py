@@ -103,12 +103,15 @@ class EmbedHead(nn.Module):
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         """FPN maps -> ``HeadOutputs.embed``: the FPN maps themselves (``norm=None``; the tower
         runs on the rows read) or the dense tower's features [(B, F, H_l, W_l)] (``norm='GN'``)."""
-        out = []
-        for x in feats:
-            if self.feature_grad != 1.0:  # the same values; the gradient into the FPN scaled (0: none)
-                x = x.detach() if self.feature_grad == 0 else x * self.feature_grad + x.detach() * (1 - self.feature_grad)
-            out.append(x if self.sparse else self._tower(x))
-        return out
+        return list(feats) if self.sparse else [self._tower(self._scale_grad(x)) for x in feats]
+
+    def _scale_grad(self, x: Tensor) -> Tensor:
+        """The same values; the gradient flowing back into the FPN multiplied by ``feature_grad``
+        (0: none). Applied where the tower reads the FPN: the whole maps (GN) or the patches."""
+        g = self.feature_grad
+        if g == 1.0:
+            return x
+        return x.detach() if g == 0 else x * g + x.detach() * (1 - g)
 
     def _tower(self, x: Tensor) -> Tensor:
         for conv in self.convs:
@@ -117,7 +120,7 @@ class EmbedHead(nn.Module):
 
     def dense(self, maps: Sequence[Tensor]) -> list[Tensor]:
         """``HeadOutputs.embed`` -> the tower's features at every location [(B, F, H_l, W_l)]."""
-        return [self._tower(x) for x in maps] if self.sparse else list(maps)
+        return [self._tower(self._scale_grad(x)) for x in maps] if self.sparse else list(maps)
 
     def rows(self, maps: Sequence[Tensor], b: Tensor, a: Tensor) -> Tensor:
         """``HeadOutputs.embed`` -> float32 unit embeddings (N, D) of image b_i's prior a_i."""
@@ -133,6 +136,7 @@ class EmbedHead(nn.Module):
         ys, xs = y[:, None] + off, x[:, None] + off  # (n, P)
         inside = (((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :])[:, None]  # (n, 1, P, P)
         patch = m[b[:, None, None], :, ys.clamp(0, H - 1)[:, :, None], xs.clamp(0, W - 1)[:, None, :]]  # (n, P, P, C)
+        patch = self._scale_grad(patch)
         h = patch.permute(0, 3, 1, 2) * inside  # (n, C, P, P): zero past the border, as the padding
         for c, layer in enumerate(self.convs, 1):
             h = layer.act(F.conv2d(h, layer.conv.weight, layer.conv.bias))  # (n, F, P - 2c, P - 2c)

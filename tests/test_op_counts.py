@@ -51,6 +51,13 @@ def test_op_counter_counts_forward_and_backward(bench):
         y = x[x > 0]  # a boolean mask: its size is a device value
         float(y.sum())
     assert c.host_syncs == {'index (boolean mask)': 1, '_local_scalar_dense': 1}
+    n = torch.tensor([1, 2])
+    with bench.OpCounter() as c:
+        n.repeat_interleave(n, output_size=3)  # its size given: no wait
+    assert c.host_syncs == {}
+    with bench.OpCounter() as c:
+        n.repeat_interleave(n)
+    assert c.host_syncs == {'repeat_interleave (no output_size)': 1}
 
 
 def test_criterion_is_captured_whole_by_torch_compile():

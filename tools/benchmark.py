@@ -82,7 +82,7 @@ def parse_args(argv=None):
 
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim",
-                      "unique_consecutive", "repeat_interleave"})
+                      "unique_consecutive"})  # and repeat_interleave without output_size (see __torch_dispatch__)
 
 
 class OpCounter(TorchDispatchMode):
@@ -96,6 +96,7 @@ class OpCounter(TorchDispatchMode):
         self.counts: collections.Counter = collections.Counter()
         self.views = 0
         self.mask_indexing = 0
+        self.repeat_sized = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -104,6 +105,8 @@ class OpCounter(TorchDispatchMode):
         if name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1 and any(
                 isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
             self.mask_indexing += 1  # a boolean mask: nonzero inside, not dispatched on its own on the CPU
+        if func is torch.ops.aten.repeat_interleave.Tensor and (kwargs or {}).get("output_size") is None:
+            self.repeat_sized += 1  # tensor repeats without output_size: the result's size is read back
         return func(*args, **(kwargs or {}))
 
     @property
@@ -114,7 +117,11 @@ class OpCounter(TorchDispatchMode):
         output size): on the CPU, the count of what ``torch.cuda.set_sync_debug_mode`` would stop
         on a GPU."""
         out = {k: v for k, v in self.counts.items() if k in SYNC_OPS}
-        return {**out, "index (boolean mask)": self.mask_indexing} if self.mask_indexing else out
+        if self.mask_indexing:
+            out["index (boolean mask)"] = self.mask_indexing
+        if self.repeat_sized:
+            out["repeat_interleave (no output_size)"] = self.repeat_sized
+        return out
 
     @property
     def total(self) -> int:

@@ -124,9 +124,7 @@ class EmbedHead(nn.Module):
 
     def rows(self, maps: Sequence[Tensor], b: Tensor, a: Tensor) -> Tensor:
         """``HeadOutputs.embed`` -> float32 unit embeddings (N, D) of image b_i's prior a_i."""
-        if not self.sparse:
-            return self.project(gather_prior_rows(maps, b, a))
-        return self.project(gather_prior_rows(maps, b, a, read=self._patch_tower))
+        return self.project(gather_prior_rows(maps, b, a, read=self._patch_tower if self.sparse else None))
 
     def _patch_tower(self, m: Tensor, b: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """The tower at locations (b, y, x) of one level's map m (B, C, H, W): (n, F), from the

@@ -63,7 +63,7 @@ param_scheduler = [
 ]
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0001),
+    optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0001, fused=True),
     clip_grad=dict(max_norm=35, norm_type=2))
 auto_scale_lr = dict(enable=False, base_batch_size=4)
 default_hooks = dict(logger=dict(interval=10))

@@ -71,7 +71,7 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=100),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[18, 22], gamma=0.1)
 ]
-optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001),
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001, fused=True),
                      clip_grad=dict(max_norm=35, norm_type=2))
 default_hooks = dict(logger=dict(interval=10),
                      checkpoint=dict(save_best='reid/two_view_R@1', rule='greater', max_keep_ckpts=2))

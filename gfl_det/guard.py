@@ -20,7 +20,8 @@ writes nothing -- no epoch checkpoint, no new best -- while it is not). Clean me
 How to use it (``gfl_det.mm.optim.OptimWrapper`` does this under mmengine): after backward,
 :meth:`NonFiniteGuard.check` reduces the total loss and every gradient to two numbers on the
 device (non-finite flag, largest absolute gradient), read once (a single host sync per
-iteration, which the loss logging pays anyway); only when the flag is set does
+iteration -- or none: ``gfl_det.mm.OptimWrapper`` with a fused optimizer keeps the flags on the
+device, skips a bad step there, and reads them at the logging interval); only when the flag is set does
 :meth:`NonFiniteGuard.describe` look at the loss terms and gradients one by one to name the
 culprit (rare, so its syncs do not matter), and :meth:`NonFiniteGuard.skip` counts, logs and
 raises; a good step calls :meth:`NonFiniteGuard.passed` with its largest gradient.
@@ -77,19 +78,30 @@ class NonFiniteGuard:
 
         The max-abs norm (``torch._foreach_norm(ord=inf)``): NaN and Inf propagate, and unlike
         the 2-norm it cannot overflow for large but finite values."""
-        tensors = [t.detach() for t in tensors if t is not None]
+        maxes = NonFiniteGuard.grad_maxes(tensors)
+        return None if maxes is None else maxes.max()
+
+    @staticmethod
+    def grad_maxes(tensors: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
+        """``(T,)`` float32: each tensor's largest absolute value (NaN / inf as :meth:`max_abs`),
+        on the first tensor's device, or None for no tensors. No host sync."""
+        tensors = [t.detach() if t.requires_grad else t for t in tensors if t is not None]
         if not tensors:
             return None
         norms = torch._foreach_norm(tensors, ord=float('inf'))
         dev = norms[0].device
-        return torch.stack([n.to(dev, torch.float32) for n in norms]).max()
+        return torch.stack([n.to(dev, torch.float32) for n in norms])
 
     @staticmethod
-    def check(loss: Optional[Tensor] = None, grads: Sequence[Optional[Tensor]] = ()) -> Tensor:
+    def check(loss: Optional[Tensor] = None, grads: Sequence[Optional[Tensor]] = (),
+              maxes: Optional[Tensor] = None) -> Tensor:
         """``(2,)`` float32 on the device: [1.0 if ``loss`` or any gradient holds a NaN/Inf else
         0.0, the largest absolute gradient (NaN without gradients)]. No host sync: the caller
-        reads both at once (``.tolist()``)."""
-        gmax = NonFiniteGuard.max_abs(grads)
+        reads both at once (``.tolist()``). ``maxes``: the gradients' :meth:`grad_maxes`, when
+        the caller has them already (then ``grads`` is not read)."""
+        if maxes is None:
+            maxes = NonFiniteGuard.grad_maxes(grads)
+        gmax = None if maxes is None else maxes.max()
         dev = loss.device if loss is not None else (gmax.device if gmax is not None else 'cpu')
         flag = torch.zeros((), dtype=torch.bool, device=dev)
         if loss is not None:
@@ -116,16 +128,25 @@ class NonFiniteGuard:
         bad_terms = []
         for k, v in (loss_terms or {}).items():
             if isinstance(v, Tensor) and not bool(torch.isfinite(v.detach()).all()):
-                bad_terms.append(f'{k}={float(v.detach().float().mean()):.4g}')
-        if bad_terms:
-            return f"non-finite loss term(s) {', '.join(bad_terms)}"
-        if named_params is not None:
+                bad_terms.append((k, float(v.detach().float().mean())))
+        bad = None
+        if not bad_terms and named_params is not None:
             bad = [n for n, p in named_params
                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            if bad:
-                more = f' (+{len(bad) - max_names} more)' if len(bad) > max_names else ''
-                return (f'non-finite gradient in {len(bad)} parameter(s): gradient of '
-                        f"{', '.join(bad[:max_names])}{more}")
+        return NonFiniteGuard.explain(bad_terms, bad, max_names)
+
+    @staticmethod
+    def explain(bad_terms: Sequence[tuple[str, float]] = (), bad_params: Optional[Sequence[str]] = None,
+                max_names: int = 3) -> str:
+        """The reason :meth:`describe` gives, from the non-finite loss terms ``(name, value)``
+        and the names of the parameters whose gradient is non-finite (for checks read later)."""
+        if bad_terms:
+            return f"non-finite loss term(s) {', '.join(f'{k}={v:.4g}' for k, v in bad_terms)}"
+        if bad_params:
+            bad = list(bad_params)
+            more = f' (+{len(bad) - max_names} more)' if len(bad) > max_names else ''
+            return (f'non-finite gradient in {len(bad)} parameter(s): gradient of '
+                    f"{', '.join(bad[:max_names])}{more}")
         return 'non-finite loss or gradient'
 
     # ------------------------------------------------------------------ bookkeeping

@@ -115,7 +115,7 @@ def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Ten
     if sel.numel():
         bd = b.double()
         group = (im * num_classes + l).double()
-        span = bd.max() - min(bd.min(), 0.0) + 1
+        span = bd.max() - bd.min().clamp(max=0.0) + 1  # a tensor: no read on the host
         kept = torchvision.ops.nms(bd + (group * span)[:, None], s.double(), iou_threshold)
         # kept is in decreasing score order; a stable sort by image keeps that order per image
         kept = kept[torch.sort(im[kept], stable=True).indices]
@@ -124,6 +124,6 @@ def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Ten
         rank = torch.arange(ik.numel(), device=ik.device) - first
         kept = kept[rank < max_per_img]
         b, s, l, im, p = b[kept], s[kept], l[kept], im[kept], p[kept]
-    counts = torch.bincount(im, minlength=B).tolist()
+    counts = torch.bincount(im, minlength=B).tolist()  # per-image sizes, for the split
     return [dict(bboxes=bb, scores=ss, labels=ll, prior_idx=pp)
             for bb, ss, ll, pp in zip(b.split(counts), s.split(counts), l.split(counts), p.split(counts))]

@@ -13,7 +13,10 @@ R50 = str(ROOT / 'configs' / 'gfl_r50.py')
 # Measured with this code; before it (main at a498bb3): loss 961, train 2257, infer 587.
 LIMITS = {
     ('loss', 100): 501,  # the criterion forward + backward, 100 gt per image
-    ('train', 10): 1797,  # forward, loss, backward, SGD step (foreach), 10 gt
+    # forward, loss, backward, SGD step, 10 gt: 1797 with a foreach SGD and no guard; now the
+    # configs' fused SGD (1 op) in gfl_det's OptimWrapper, whose non-finite guard (~30 ops) stays
+    # on the device
+    ('train', 10): 1819,
     ('infer', 0): 419,  # forward + post-processing incl. NMS, BN folded (benchmark's default)
 }
 
@@ -35,8 +38,8 @@ def test_ops_per_iteration_do_not_grow(bench, task, num_gt):
     assert res['ops_per_iter'] > limit * 0.8, 'fewer ops than expected: lower LIMITS to keep the gain'
     # no op that makes a GPU wait for the host in a training step or a loss call; inference: only
     # post-processing's, whose output size is data (postprocess.batched_class_nms: the candidates
-    # above score_thr, the NMS offset, the max_per_img cut)
-    want = {'nonzero': 1, '_local_scalar_dense': 1, 'index (boolean mask)': 1} if task == 'infer' else {}
+    # above score_thr, the max_per_img cut, the per-image counts; torchvision's NMS has its own)
+    want = {'nonzero': 1, 'index (boolean mask)': 1, 'tolist': 1} if task == 'infer' else {}
     assert res['host_syncs'] == want, res['host_syncs']
 
 
@@ -51,6 +54,11 @@ def test_op_counter_counts_forward_and_backward(bench):
         y = x[x > 0]  # a boolean mask: its size is a device value
         float(y.sum())
     assert c.host_syncs == {'index (boolean mask)': 1, '_local_scalar_dense': 1}
+    with bench.OpCounter() as c:
+        x.detach().tolist()  # no op dispatched on the CPU; a device->host copy on a GPU
+        x.detach().numpy()
+    assert c.host_syncs == {'tolist': 1, 'numpy': 1}
+    assert torch.Tensor.tolist.__name__ == 'tolist'  # put back on exit
     n = torch.tensor([1, 2])
     with bench.OpCounter() as c:
         n.repeat_interleave(n, output_size=3)  # its size given: no wait

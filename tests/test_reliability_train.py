@@ -9,6 +9,7 @@ images, batch 2: 4 iterations per epoch). NaNs are injected by a test-only model
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from pathlib import Path
@@ -120,6 +121,7 @@ def test_nan_loss_and_nan_gradient_steps_are_skipped_counted_and_named(tmp_path,
     runner.train()
 
     guard = runner.optim_wrapper.guard
+    assert runner.optim_wrapper._check_on_device  # the configs' fused SGD: checked on the device
     assert (guard.skipped, guard.consecutive, guard.max_consecutive) == (2, 0, 5)
     assert runner.message_hub.get_scalar('train/nonfinite_skipped').current() == 2
     # the log: one line per skipped step, naming the iteration and the term / the parameter
@@ -324,6 +326,86 @@ def test_amp_float16_overflow_is_the_grad_scalers_not_counted_twice():
     hub.update_info('iter', 0)
     model.train_step(data, ow)
     assert ow.guard.skipped == 1 and ow._guard_grads
+
+
+def _fused_wrapper(model, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
+    return mm.OPTIM_WRAPPERS.build(dict(kw, type='OptimWrapper', optimizer=opt))
+
+
+def test_guard_checked_on_the_device_skips_the_same_steps_without_a_host_sync(caplog):
+    """With a fused optimizer the guard's verdict stays on the device: the optimizer gets it as
+    found_inf, the BN statistics are put back with torch.where, and settle() reads the verdicts
+    later. Step by step the weights, BN statistics and momentum equal those of the guard that
+    reads every iteration on the host (check='step'); no op of an update after the first is one
+    that makes a GPU wait for the host; the log names the same iterations and culprits."""
+    counter = load_tool('benchmark').OpCounter
+    hub = MessageHub.get_current_instance()
+    kw = dict(nan_loss_at=[3], nan_grad_at=[5])
+    torch.manual_seed(0)
+    dev_model = _model(**kw)
+    torch.manual_seed(0)
+    host_model = _model(**kw)  # not a deepcopy: that would lose the NaN-gradient hook
+    dev = _fused_wrapper(dev_model, nonfinite_guard=dict(max_consecutive=5, check='interval'))
+    host = _fused_wrapper(host_model, nonfinite_guard=dict(max_consecutive=5, check='step'))
+    data = batch()
+    for it in range(1, 7):
+        hub.update_info('iter', it - 1)
+        host_model.train_step(data, host)
+        with counter() as c:
+            dev_model.train_step(data, dev)
+        assert c.host_syncs == ({} if it > 1 else {'tolist': 1}), it  # the first reads on the host
+        assert states_equal(host_model.state_dict(), dev_model.state_dict()), it
+        assert optim_state_equal(host.optimizer.state_dict()['state'],
+                                 dev.optimizer.state_dict()['state']), it
+    assert host.guard.skipped == 2 and dev.guard.skipped == 0  # not read yet
+    # its own logger: mmengine's drops a warning it has printed before (the host guard's)
+    dev.guard.logger = logging.getLogger('device_guard')
+    with caplog.at_level('WARNING', logger='device_guard'):
+        dev.settle()
+    assert dev.guard.skipped == 2 and dev.guard.consecutive == 0
+    assert dev.guard.grad_history == host.guard.grad_history  # 4 good steps' largest |gradient|
+    assert len(dev.guard.grad_history) == 4
+    assert hub.get_scalar('train/nonfinite_skipped').current() == 2
+    text = caplog.text
+    assert 'iteration 3: non-finite loss term(s) loss_dfl=nan; step skipped' in text
+    assert f'iteration 5: non-finite gradient in 1 parameter(s): gradient of {GRAD_PARAM}' in text
+    assert dev.state_dict()['nonfinite_guard'] == host.state_dict()['nonfinite_guard']
+
+
+def test_guard_checked_on_the_device_stops_when_read_naming_the_streaks_iteration():
+    hub = MessageHub.get_current_instance()
+    model = _model(nan_loss_at=[3, 4, 5])
+    ow = _fused_wrapper(model, nonfinite_guard=dict(max_consecutive=2))
+    assert ow._check_on_device  # 'auto' with a fused optimizer
+    for it in range(1, 7):  # training goes on, harmlessly: the bad steps change nothing
+        hub.update_info('iter', it - 1)
+        model.train_step(batch(), ow)
+    with pytest.raises(NonFiniteLossError, match='iteration 4: 2 consecutive steps.*loss_dfl=nan'):
+        ow.settle()
+
+
+def test_guard_reads_on_the_host_after_resuming_an_optimizer_that_was_not_fused():
+    """A checkpoint of a foreach SGD brings fused=False back into the parameter groups: the
+    optimizer then refuses found_inf, so the guard reads its flag on the host again."""
+    hub = MessageHub.get_current_instance()
+    model = _model(nan_loss_at=[2])
+    old = _wrapper(model, type='OptimWrapper')  # not fused
+    hub.update_info('iter', 0)
+    model.train_step(batch(), old)
+    ow = _fused_wrapper(model)
+    ow.load_state_dict(old.state_dict())
+    assert not ow._can_check_on_device()
+    hub.update_info('iter', 1)
+    model.train_step(batch(), ow)  # a NaN step: skipped and counted at once
+    assert ow.guard.skipped == 1 and ow.step_skipped
+
+
+def test_guard_check_interval_needs_a_fused_optimizer():
+    model = _model()
+    with pytest.raises(ValueError, match=r"add fused=True to optim_wrapper\.optimizer"):
+        _wrapper(model, type='OptimWrapper', nonfinite_guard=dict(check='interval'))
+    assert not _wrapper(model, type='OptimWrapper')._check_on_device  # auto: reads every step
 
 
 def test_guard_can_be_turned_off_and_is_on_by_default():

@@ -97,6 +97,28 @@ class OpCounter(TorchDispatchMode):
         self.views = 0
         self.mask_indexing = 0
         self.repeat_sized = 0
+        self.host_reads: collections.Counter = collections.Counter()
+
+    # Tensor.tolist() / .numpy() read a tensor without dispatching an op on the CPU (on a GPU
+    # they copy it to the host first, a sync): counted by wrapping them while the mode is active
+    _READS = ("tolist", "numpy")
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in self._READS}
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, self._counting(name, fn))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, fn)
+        return super().__exit__(*exc)
+
+    def _counting(self, name, fn):
+        def read(tensor, *args, **kwargs):
+            self.host_reads[name] += 1
+            return fn(tensor, *args, **kwargs)
+        return read
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -111,16 +133,17 @@ class OpCounter(TorchDispatchMode):
 
     @property
     def host_syncs(self) -> dict:
-        """The dispatched ops that make a GPU wait for the host to read a value or a size
-        (``.item()`` / ``bool()`` / ``float()`` of a tensor, ``nonzero`` and what calls it:
-        boolean-mask indexing, ``masked_select``, ``unique``, ``repeat_interleave`` without its
-        output size): on the CPU, the count of what ``torch.cuda.set_sync_debug_mode`` would stop
-        on a GPU."""
+        """The ops that make a GPU wait for the host to read a value or a size (``.item()`` /
+        ``bool()`` / ``float()`` of a tensor, ``.tolist()``, ``.numpy()``, ``nonzero`` and what
+        calls it: boolean-mask indexing, ``masked_select``, ``unique``, ``repeat_interleave``
+        without its output size): on the CPU, the count of what
+        ``torch.cuda.set_sync_debug_mode`` would stop on a GPU."""
         out = {k: v for k, v in self.counts.items() if k in SYNC_OPS}
         if self.mask_indexing:
             out["index (boolean mask)"] = self.mask_indexing
         if self.repeat_sized:
             out["repeat_interleave (no output_size)"] = self.repeat_sized
+        out.update(self.host_reads)
         return out
 
     @property
@@ -233,19 +256,17 @@ def run(args) -> dict:
     if args.task == "train":
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        # foreach: the multi-tensor update PyTorch uses by default on a GPU (a few kernels for
-        # all parameters); on the CPU its default is one small update per parameter
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        # what tools/train.py runs: the configs' fused SGD (one kernel for all parameters) in
+        # gfl_det's optim wrapper, whose non-finite guard skips a bad step on the device
+        from gfl_det.mm.optim import AmpOptimWrapper, OptimWrapper
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
+        ow = (AmpOptimWrapper(optimizer=opt, dtype=str(dtype).replace("torch.", "")) if dtype is not None
+              else OptimWrapper(optimizer=opt))
 
         def step():
-            x = model.preprocess(images, metas)
-            with autocast():
-                losses = model.loss(x, targets, metas)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(sum(losses.values())).backward()
-            scaler.step(opt)
-            scaler.update()
+            with ow.optim_context(model):  # autocast under --amp
+                losses = model.loss(model.preprocess(images, metas), targets, metas)
+            ow.update_params(sum(losses.values()))
     elif args.task == "infer":
         model.eval()
 
@@ -303,6 +324,9 @@ def run(args) -> dict:
         res.update(sync_check(step if args.task != "infer" else forward, device, args.task))
     if args.task == "infer":
         res["num_dets"] = [len(p["bboxes"]) for p in step()]
+    if args.task == "train":
+        ow.settle()  # the guard's verdicts (stops on max_consecutive non-finite steps in a row)
+        res["nonfinite_skipped"] = ow.guard.skipped
     return res
 
 

@@ -81,28 +81,39 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Optional[dict] = None) -> None:
-        if getattr(runner.optim_wrapper, 'step_skipped', False):
+        ow = runner.optim_wrapper
+        if getattr(ow, 'step_skipped', False):
             outputs = None  # non-finite losses of a skipped step: counted and logged by the guard
         vals = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in (outputs or {}).items()}
-        if isinstance(runner.optim_wrapper, DeferredScalars):
-            vals.update(runner.optim_wrapper.pop_pending_scalars())
+        if isinstance(ow, DeferredScalars):
+            vals.update(ow.pop_pending_scalars())
         if self._grad_norm is not None:
             vals['grad_norm'] = self._grad_norm
             self._grad_norm = None
-        self._pending.append(vals)
+        # the guard's verdict when it stays on the device: the values are dropped at the flush
+        self._pending.append((vals, getattr(ow, 'last_step_bad', None)))
         if self._log_now(runner, batch_idx):
             self.flush(runner)
 
     def flush(self, runner) -> None:
-        """Write the pending values to the MessageHub (one device->host copy for all)."""
+        """Let the optim wrapper's guard read its pending verdicts (counting, logging, maybe
+        stopping), then write the pending values of the steps it did not skip to the MessageHub
+        (one device->host copy for all)."""
+        settle = getattr(runner.optim_wrapper, 'settle', None)
+        if settle is not None:
+            settle()
         pending, self._pending = getattr(self, '_pending', []), []
         if not pending:
             return
-        tensors = [v for d in pending for v in d.values() if isinstance(v, Tensor)]
+        tensors = [t for d, bad in pending
+                   for t in [v for v in d.values() if isinstance(v, Tensor)] + ([bad] if bad is not None else [])]
         host = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist()) if tensors else None
-        for d in pending:
-            for k, v in d.items():
-                runner.message_hub.update_scalar(f'train/{k}', next(host) if isinstance(v, Tensor) else v)
+        for d, bad in pending:
+            vals = [(k, next(host) if isinstance(v, Tensor) else v) for k, v in d.items()]
+            if bad is not None and next(host) > 0:
+                continue  # a skipped step (its NaN loss would spoil the smoothed values)
+            for k, v in vals:
+                runner.message_hub.update_scalar(f'train/{k}', v)
 
     def before_val(self, runner) -> None:
         self.flush(runner)

@@ -3,13 +3,15 @@ per iteration), a guard against non-finite steps, and mixed precision that also 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Union
+import math
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
 
 from ..guard import NonFiniteGuard
 from .registry import OPTIM_WRAPPERS
@@ -46,6 +48,16 @@ class DeferredScalars:
 _DEFAULT_GUARD = dict(max_consecutive=5)
 
 
+class _PendingCheck(NamedTuple):
+    """One step's guard verdict, still on the device (see ``OptimWrapper.settle``)."""
+    iteration: Optional[int]
+    vals: Tensor                 # (2,): non-finite flag, largest |gradient|
+    term_names: list
+    term_vals: Optional[Tensor]  # (K,) the loss terms
+    params: list                 # the parameters whose gradients were checked ...
+    maxes: Optional[Tensor]      # (P,) ... and each one's largest |gradient|
+
+
 @OPTIM_WRAPPERS.register_module(name='OptimWrapper')
 class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     """mmengine's ``OptimWrapper`` (grad clipping, accumulation) with the deferred grad norm and
@@ -53,12 +65,26 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
 
     ``optim_wrapper = dict(type='OptimWrapper', optimizer=..., nonfinite_guard=dict(
     max_consecutive=5))`` (the default; ``nonfinite_guard=None`` turns it off). After backward
-    the total loss and every gradient are reduced on the device to one flag, read once per
-    iteration (one host sync; all-reduced across ranks so that every rank decides alike). A
-    non-finite step is *skipped*: no optimizer step, gradients zeroed, and the model's buffers
-    (BatchNorm running statistics, which the forward pass already updated, possibly with NaN)
-    put back as they were before the forward pass -- so the model is exactly as before the step.
-    It is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from the first
+    the total loss and every gradient are reduced on the device to one flag (all-reduced across
+    ranks so that every rank decides alike). A non-finite step is *skipped*: no optimizer step,
+    gradients zeroed, and the model's buffers (BatchNorm running statistics, which the forward
+    pass already updated, possibly with NaN) put back as they were before the forward pass -- so
+    the model is exactly as before the step.
+
+    Where the flag is read (``nonfinite_guard=dict(check=...)``): with a fused optimizer
+    (``optimizer=dict(type='SGD', ..., fused=True)``, as the configs have it) the flag never
+    leaves the device during the step -- the optimizer takes it as ``found_inf`` (its kernel
+    changes nothing when it is set, as under a GradScaler) and the running statistics are put
+    back with ``torch.where`` -- and :meth:`settle` reads the kept verdicts at the logging
+    interval (and before a checkpoint, validation, or the end): no host sync inside a training
+    step. The log lines, counts and checkpoints are the same; a stop on ``max_consecutive``
+    comes when the verdicts are read (the steps in between change nothing). ``check='auto'``
+    (default) does this when it can; ``'interval'`` insists (an error for an optimizer that is
+    not fused); ``'step'`` reads the flag every iteration (one host sync per step), as it must
+    for other optimizers and for float16's GradScaler. The very first step is always read on the
+    host (torch's fused SGD leaves its momentum buffers uninitialised on a skipped first step).
+
+    A skipped step is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from the first
     skip on; the guard's state is saved in checkpoints with the optimizer state) and logged with the
     iteration (1-based, as mmengine's logs) and the loss term(s) that are non-finite, or the
     parameters whose gradient is. :class:`DeferredRuntimeInfoHook` leaves a skipped step's
@@ -72,7 +98,8 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     schedule moves on through a skipped iteration, as it does for any iteration.
 
     With gradient accumulation (``accumulative_counts > 1``) a bad micro-batch also discards the
-    gradients accumulated before it in its window. For mixed precision see
+    gradients accumulated before it in its window (checked on the device: the whole window's
+    step is skipped). For mixed precision see
     :class:`AmpOptimWrapper`.
     """
 
@@ -83,15 +110,35 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     def __init__(self, *args: Any, nonfinite_guard: Union[dict, bool, None] = _DEFAULT_GUARD,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
+        check = 'auto'
         if nonfinite_guard is None or nonfinite_guard is False:
             self.guard: Optional[NonFiniteGuard] = None
         else:
             cfg = {} if nonfinite_guard is True else dict(nonfinite_guard)
             cfg.pop('type', None)
+            check = cfg.pop('check', 'auto')
             self.guard = NonFiniteGuard(logger=MMLogger.get_current_instance(), **cfg)
+        if check not in ('auto', 'step', 'interval'):
+            raise ValueError(f"nonfinite_guard check must be 'auto', 'step' or 'interval', got "
+                             f'{check!r}')
+        fused = self._fused_optimizer()
+        if check == 'interval' and not fused:
+            raise ValueError(
+                "nonfinite_guard=dict(check='interval') skips bad steps on the device, which needs "
+                'an optimizer that takes a found_inf flag: add fused=True to optim_wrapper.optimizer '
+                f'(SGD, Adam, AdamW; this one is {type(self.optimizer).__name__} without it), or '
+                "use check='step'")
+        self._check_on_device = check != 'step' and fused
+        if self.guard is not None and check == 'auto' and not fused:
+            MMLogger.get_current_instance().info(
+                'non-finite guard: the optimizer is not fused, so each iteration reads one flag on '
+                'the host (a GPU sync); optim_wrapper.optimizer fused=True checks on the device')
         self._guard_model: Optional[torch.nn.Module] = None
         self._guard_bufs: list = []
         self._guard_backup: list = []
+        self._pending_checks: list[_PendingCheck] = []
+        self._window_bad: Optional[Tensor] = None  # any bad micro-batch in the accumulation window
+        self.last_step_bad: Optional[Tensor] = None  # device-side verdict of the last call
 
     # ------------------------------------------------------------------ non-finite guard
     @contextlib.contextmanager
@@ -103,10 +150,18 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
 
     def _guard_snapshot(self, model: torch.nn.Module) -> None:
         """Remember the model (to name loss terms / parameters) and copy its buffers, which the
-        coming forward pass changes (BatchNorm running stats), into a reused backup."""
+        coming forward pass changes (BatchNorm running stats), into a reused backup. Checked on
+        the device, where they are put back one by one, only the running statistics of the
+        normalisation layers in training mode (an eval-mode BatchNorm, e.g. ``norm_eval``, and
+        constant buffers change nothing)."""
         m = model.module if is_model_wrapper(model) else model
         self._guard_model = m
-        bufs = list(m.buffers())
+        if self._check_on_device and self._guard_grads:
+            bufs = [b for mod in m.modules()
+                    if isinstance(mod, _NormBase) and mod.training and mod.track_running_stats
+                    for b in mod.buffers(recurse=False)]
+        else:
+            bufs = list(m.buffers())
         with torch.no_grad():
             if (len(bufs) != len(self._guard_bufs)
                     or any(a is not b for a, b in zip(bufs, self._guard_bufs))):
@@ -148,12 +203,97 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         finally:
             self.message_hub.update_scalar('train/nonfinite_skipped', self.guard.skipped)
 
+    # ------------------------------------------------------------------ checked on the device
+    def _fused_optimizer(self) -> bool:
+        """The optimizer takes ``found_inf``: fused, in every parameter group (a checkpoint of
+        an optimizer that was not fused brings ``fused=False`` back into the groups)."""
+        return (bool(getattr(self.optimizer, '_step_supports_amp_scaling', False))
+                and all(g.get('fused') for g in self.optimizer.param_groups))
+
+    def _can_check_on_device(self) -> bool:
+        """The step can be skipped on the device: a fused optimizer (it takes ``found_inf``, as
+        under a GradScaler), gradients checked by the guard (not float16's scaler), and the
+        optimizer's state made (torch's fused SGD allocates its momentum buffers uninitialised on
+        the first step, so a skipped first step would leave garbage: that one is read on the
+        host)."""
+        if not (self._check_on_device and self._guard_grads and self._fused_optimizer()):
+            return False
+        state = self.optimizer.state
+        return all(p in state and state[p] for g in self.optimizer.param_groups
+                   for p in g['params'] if p.grad is not None)
+
+    def _update_checked_on_device(self, loss: Tensor, step_kwargs: dict, zero_kwargs: dict) -> None:
+        """The guard without a host sync: the verdict stays on the device. The optimizer gets it
+        as ``found_inf`` (its fused kernel leaves weights and momentum as they were when it is
+        1); the buffers the forward pass changed are put back with ``torch.where``; the verdict,
+        the largest gradient, the loss terms and each gradient's largest value are kept until
+        :meth:`settle` reads them all at once (the logging interval, a checkpoint, validation)."""
+        params = [p for g in self.optimizer.param_groups for p in g['params'] if p.grad is not None]
+        maxes = NonFiniteGuard.grad_maxes([p.grad for p in params])
+        vals = NonFiniteGuard.check(loss, maxes=maxes)
+        import torch.distributed as tdist
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(vals, op=tdist.ReduceOp.MAX)
+        bad = vals[0] > 0
+        with torch.no_grad():
+            for buf, backup in zip(self._guard_bufs, self._guard_backup):
+                buf.copy_(torch.where(bad, backup, buf))
+        terms = getattr(self._guard_model, 'last_loss_terms', None) or {}
+        names = [k for k, v in terms.items() if isinstance(v, Tensor)]
+        term_vals = (torch.stack([terms[k].detach().float().mean() for k in names]).to(vals.device)
+                     if names else None)
+        it = self.message_hub.get_info('iter')
+        self._pending_checks.append(_PendingCheck(None if it is None else int(it) + 1, vals,
+                                                  names, term_vals, params, maxes))
+        self.last_step_bad = bad
+        self._window_bad = bad if self._window_bad is None else self._window_bad | bad
+        if self.should_update():
+            self.optimizer.found_inf = self._window_bad.float()
+            try:
+                self.step(**step_kwargs)
+            finally:
+                del self.optimizer.found_inf
+                self._window_bad = None
+            self.zero_grad(**zero_kwargs)
+
+    def settle(self) -> None:
+        """Read the verdicts kept on the device (one host sync for all) and pass them to the
+        guard in order: a bad step is counted and logged with its iteration and its culprit
+        (raising :class:`NonFiniteLossError` at the ``max_consecutive``-th in a row), a good one
+        gives its largest gradient. Called at the logging interval and before anything judges
+        or saves the guard's state."""
+        pending, self._pending_checks = self._pending_checks, []
+        if not pending or self.guard is None:
+            return
+        host = torch.stack([c.vals for c in pending]).tolist()  # the one host sync
+        for check, (flag, gmax) in zip(pending, host):
+            if flag <= 0:
+                self.guard.passed(gmax if check.params else None, check.iteration)
+                continue
+            bad_terms = []
+            if check.term_vals is not None:
+                bad_terms = [(k, v) for k, v in zip(check.term_names, check.term_vals.tolist())
+                             if not math.isfinite(v)]
+            names = {id(p): n for n, p in self._guard_model.named_parameters()} \
+                if self._guard_model is not None else {}
+            bad_params = [names.get(id(p), f'parameter {i}') for i, (p, v) in
+                          enumerate(zip(check.params, check.maxes.tolist())) if not math.isfinite(v)]
+            try:
+                self.guard.skip(check.iteration, NonFiniteGuard.explain(bad_terms, bad_params))
+            finally:
+                self.message_hub.update_scalar('train/nonfinite_skipped', self.guard.skipped)
+
     def update_params(self, loss: Tensor, step_kwargs: Optional[dict] = None,
                       zero_kwargs: Optional[dict] = None) -> None:
         if self.guard is None:
             return super().update_params(loss, step_kwargs, zero_kwargs)
         loss = self.scale_loss(loss)
         self.backward(loss)
+        self.last_step_bad = None
+        if self._can_check_on_device():
+            self.step_skipped = False  # not known on the host: see last_step_bad
+            return self._update_checked_on_device(loss, step_kwargs or {}, zero_kwargs or {})
+        self.settle()  # a verdict read now goes after the ones still on the device
         self.step_skipped = self._step_nonfinite(loss)
         if self.step_skipped:
             self._skip_step(zero_kwargs or {})
@@ -167,6 +307,7 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self.guard is not None:
+            self.settle()
             state['nonfinite_guard'] = self.guard.state_dict()
         return state
 

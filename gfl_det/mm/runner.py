@@ -243,6 +243,9 @@ class GFLRunner(Runner):
         verdict (:meth:`gfl_det.guard.NonFiniteGuard.dirty_reason`: a non-finite streak open, the
         gradient or the weights diverged). Raises :class:`NonFiniteLossError` when a weight is
         NaN/Inf (training cannot go on; ``filename`` is named as not written)."""
+        settle = getattr(self.optim_wrapper, 'settle', None)
+        if settle is not None:
+            settle()  # the guard's verdicts still on the device
         model = self.model.module if is_model_wrapper(self.model) else self.model
         state = model.state_dict()
         # weights and BN statistics; a running variance as its standard deviation -- a squared

@@ -78,8 +78,8 @@ def make_priors(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int],
     starts = [sum(counts[:i]) for i in range(len(counts))]
     pri = Priors(points, strides_a, sizes, list(strides), counts,
                  centres=points / strides_a[:, None],
-                 level=torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                               torch.tensor(counts, device=device)),
+                 level=torch.repeat_interleave(torch.arange(len(sizes), device=device),  # no read-back
+                                               torch.tensor(counts, device=device), output_size=sum(counts)),
                  level_hw=torch.tensor(sizes, dtype=torch.long, device=device).reshape(-1, 2),
                  level_stride=torch.tensor(list(strides), dtype=torch.long, device=device),
                  level_start=torch.tensor(starts, dtype=torch.long, device=device))

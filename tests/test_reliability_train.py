@@ -385,6 +385,40 @@ def test_guard_checked_on_the_device_stops_when_read_naming_the_streaks_iteratio
         ow.settle()
 
 
+class CountHostReads(Hook):
+    """Counts, per training iteration, the ops that would make a GPU wait for the host, from the
+    last hook before the step to the first hook after it (the data preprocessor, forward, loss,
+    backward, the guard and the optimizer step; not the loading of the batch)."""
+
+    priority = 'HIGHEST'  # after_train_iter: before DeferredRuntimeInfoHook's flush
+
+    def __init__(self, counter_type):
+        self.counter_type, self.reads = counter_type, {}
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self._counter = self.counter_type()
+        self._counter.__enter__()
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._counter.__exit__(None, None, None)
+        self.reads[runner.iter + 1] = self._counter.host_syncs
+
+
+
+def test_a_real_training_iteration_reads_nothing_on_the_host(tmp_path, data_root):
+    """tools/train.py's loop on the synthetic config (fused SGD, guard on, clip_grad, logging
+    every iteration): after the first iteration (the guard's one read on the host) no
+    iteration has an op that makes a GPU wait for the host -- the non-finite guard included."""
+    cfg = tiny_cfg(tmp_path, data_root, max_epochs=1)
+    runner = build_runner(cfg, tmp_path / 'work')
+    hook = CountHostReads(load_tool('benchmark').OpCounter)
+    runner.register_hook(hook, priority='HIGHEST')
+    runner.train()
+    assert list(hook.reads) == [1, 2, 3, 4]
+    assert hook.reads[1] == {'tolist': 1}
+    assert all(hook.reads[i] == {} for i in (2, 3, 4)), hook.reads
+
+
 def test_guard_reads_on_the_host_after_resuming_an_optimizer_that_was_not_fused():
     """A checkpoint of a foreach SGD brings fused=False back into the parameter groups: the
     optimizer then refuses found_inf, so the guard reads its flag on the host again."""

@@ -3,6 +3,9 @@
 - fast.qfl.fused_qfl_sum: the criterion's QFL sum and its gradient, against the readable
   ``quality_focal_loss`` over the dense (B, A, C) target (float64, several chunks per level);
 - fast.pool.SeparableStemMaxPool: F.max_pool2d bit for bit, used only where no gradient flows.
+- fast.fold_bn: the backbone's fixed-statistics BNs folded into their convs in training, the
+  same outputs and gradients (float64: to 1e-12), less kept for backward, and a frozen pair's
+  fold reused until its weights change.
 (fast.winograd: tests/test_winograd.py; fast.malloc: tests/test_malloc.py; fast.fuse:
 tests/test_models.py; the criterion with fused_qfl on the golden files: test_mmdet_parity.py.)
 """
@@ -144,10 +147,93 @@ def test_build_detector_fast_switches():
                out_channels=32), bbox_head=dict(num_classes=3, in_channels=32, feat_channels=32, stacked_convs=1))
     m = build_detector(cfg)
     assert isinstance(m.backbone.maxpool, SeparableStemMaxPool) and not m.criterion.fused_qfl
-    m = build_detector(dict(cfg, fast=dict(stem_pool=False, fused_qfl=True)))
+    assert not any(getattr(b, 'fold_into_conv', False) for b in m.backbone.modules())
+    m = build_detector(dict(cfg, fast=dict(stem_pool=False, fused_qfl=True, fold_bn=True)))
     assert type(m.backbone.maxpool) is torch.nn.MaxPool2d and m.criterion.fused_qfl
+    assert m.backbone.bn1.fold_into_conv and m.backbone.layer4[1].bn2.fold_into_conv
     with pytest.raises(ValueError, match="model.fast.winograd"):
         build_detector(dict(cfg, fast=dict(winograd=True)))
     with pytest.raises(ValueError, match="fused_qfl implements QFL with beta 2 only"):
         build_detector(dict(cfg, fast=dict(fused_qfl=True),
                             bbox_head=dict(cfg['bbox_head'], loss_cls=dict(type='QualityFocalLoss', beta=1.5))))
+
+
+def _resnet_with_statistics(depth=50, **kw):
+    """A small ResNet whose BNs have non-trivial statistics and affine parameters (as pretrained
+    ones), frozen stem + stage 1, norm_eval, in train mode."""
+    torch.manual_seed(0)
+    r = ResNet(depth=depth, base_channels=8, frozen_stages=1, norm_eval=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in r.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+    return r.train()
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_fold_bn_equals_conv_then_bn_with_every_gradient(depth):
+    from gfl_det.fast.fold_bn import use_folded_bn
+    plain = _resnet_with_statistics(depth).double()
+    folded = use_folded_bn(_resnet_with_statistics(depth).double())
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    outs_p, outs_f = plain(x), folded(x)
+    w = [torch.randn_like(o) for o in outs_p]
+    sum((o * wi).sum() for o, wi in zip(outs_p, w)).backward()
+    sum((o * wi).sum() for o, wi in zip(outs_f, w)).backward()
+    for a, b in zip(outs_p, outs_f):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert any(n.endswith('bn1.weight') for n in grads) and 'layer1.0.conv1.weight' not in grads  # frozen
+    for n, p in folded.named_parameters():
+        assert (p.grad is None) == (n not in grads), n
+        if p.grad is not None:
+            assert torch.allclose(p.grad, grads[n], rtol=1e-10, atol=1e-12), n
+    assert plain.state_dict().keys() == folded.state_dict().keys()  # mmdet's keys stay
+
+
+def test_fold_bn_keeps_less_for_backward_and_leaves_training_bns_alone():
+    from gfl_det.fast.fold_bn import use_folded_bn
+
+    def saved_bytes(model, x):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+    x = torch.randn(2, 3, 256, 384)  # large enough for the activations to outweigh the weights
+    plain = saved_bytes(_resnet_with_statistics(), x)
+    folded = saved_bytes(use_folded_bn(_resnet_with_statistics()), x)
+    assert folded < 0.85 * plain, (folded, plain)  # the BNs' copies of the conv outputs are gone
+    # a BN that trains its statistics (norm_eval=False) is not folded: batch statistics move
+    torch.manual_seed(0)
+    r = use_folded_bn(ResNet(depth=50, base_channels=8, frozen_stages=-1, norm_eval=False).train())
+    before = r.layer2[0].bn1.running_mean.clone()
+    r(x)
+    assert not torch.equal(before, r.layer2[0].bn1.running_mean)
+
+
+def test_fold_bn_reuses_a_frozen_pair_until_its_weights_change():
+    from gfl_det.fast.fold_bn import use_folded_bn
+    r = use_folded_bn(_resnet_with_statistics().double())
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    r(x)
+    first = r.bn1.__dict__['_folded']  # the stem: frozen, folded once
+    r(x)
+    assert r.bn1.__dict__['_folded'] is first
+    assert '_folded' not in r.layer2[0].bn1.__dict__  # trainable: folded in the graph each time
+    plain = _resnet_with_statistics().double()
+    sd = plain.state_dict()
+    sd['bn1.running_var'] = sd['bn1.running_var'] * 2  # e.g. a checkpoint loaded
+    plain.load_state_dict(sd)
+    r.load_state_dict(sd)
+    with torch.no_grad():
+        for a, b in zip(r(x), plain(x)):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    assert r.bn1.__dict__['_folded'] is not first

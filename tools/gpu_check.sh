@@ -12,7 +12,10 @@
 #   bench     tools/bench_vs_mmdet.py --device cuda: our rows beside MMDetection's
 #             bench_mmdet_gpu.py (train 2 fp32/fp16/bf16, 16 fp16; infer 1 fp32/fp16, 8 fp16)
 #                                                                                  -> bench.jsonl
-# About 9 minutes in all; STEPS="count sync" (any subset, in that order) runs fewer.
+#   switches  the speed switches that only a GPU can decide: model.fast.fold_bn (the backbone's
+#             fixed-statistics BNs folded into their convs: less memory and BN kernel time, more
+#             launches) off / on at batch 16 bf16 and batch 2 fp32                -> switches.jsonl
+# About 11 minutes in all; STEPS="count sync" (any subset, in that order) runs fewer.
 #
 # Here, once, from the project root (both git-ignored):
 #   bash ../shared/device/prepare_wheels.sh      # .whl/: the py3.12 wheels that machine lacks
@@ -22,7 +25,7 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_check_out}
-STEPS=${STEPS:-count sync pipeline bench}
+STEPS=${STEPS:-count sync pipeline bench switches}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -81,6 +84,13 @@ EOF
     bench)
       timeout 420 $PY tools/bench_vs_mmdet.py --device cuda --config $R50 > "$OUT/bench.jsonl" 2> "$OUT/bench.err"
       note bench $? ;;
-    *) echo "unknown step $s (count sync pipeline bench)"; exit 2 ;;
+    switches)
+      for t in "--batch 16 --amp bf16" "--batch 2"; do
+        for f in false true; do
+          bench switches.jsonl 90 --task train $t --shape 800 1333 --num-gt 10 --iters 10 --warmup 3 --fast fold_bn=$f
+          note "switches $t fold_bn=$f" $?
+        done
+      done ;;
+    *) echo "unknown step $s (count sync pipeline bench switches)"; exit 2 ;;
   esac
 done

@@ -9,6 +9,9 @@ switch                 what                                            default
 ``stem_pool``          as two separable max passes, bit-identical       frozen stems only)
 ``model.fast.``        ``qfl.py``: the criterion's QFL sum and its     off (opt-in: the loss
 ``fused_qfl``          gradient in one pass over the logits            is ~1 % of an R50 step)
+``model.fast.``        ``fold_bn.py``: the backbone's fixed-stats BNs  off (less memory,
+``fold_bn``            folded into their convs in training             more launches: for a
+                                                                       GPU to decide)
 ``--fuse-conv-bn``,    ``fuse.py``: BN folded into the convs;          off (tools/test.py,
 ``--compile``          ``torch.compile`` for inference                 tools/demo.py flags)
 ``--winograd``         ``winograd.py``: NNPACK Winograd 3x3 convs for  off (flag)
@@ -16,7 +19,7 @@ switch                 what                                            default
 ``GFL_DET_MALLOC``     ``malloc.py``: keep freed CPU memory mapped     on in the tools
 =====================  ==============================================  ========================
 
-Parity tests: tests/test_fast.py (stem pool, fused QFL), tests/test_mmdet_parity.py (the
-criterion with and without ``fused_qfl`` on MMDetection's golden files), tests/test_winograd.py,
+Parity tests: tests/test_fast.py (stem pool, fused QFL, fold_bn), tests/test_mmdet_parity.py (the
+criterion with and without ``fused_qfl``, and ``fold_bn``, on MMDetection's golden files), tests/test_winograd.py,
 tests/test_models.py (BN folding, compile), tests/test_malloc.py.
 """

@@ -19,6 +19,19 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
+def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
+    """``bn(conv(x))``; a BN marked by the ``model.fast.fold_bn`` switch is folded into the
+    convolution while it is in eval mode (gfl_det/fast/fold_bn.py)."""
+    if getattr(bn, "fold_into_conv", False) and not bn.training and isinstance(conv, nn.Conv2d):
+        from ..fast.fold_bn import folded_conv_bn
+        return folded_conv_bn(conv, bn, x)
+    return bn(conv(x))
+
+
+def _downsample(ds: nn.Module, x: Tensor) -> Tensor:
+    return conv_bn(ds[0], ds[1], x) if isinstance(ds, nn.Sequential) and len(ds) == 2 else ds(x)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -32,9 +45,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else _downsample(self.downsample, x)
+        out = self.relu(conv_bn(self.conv1, self.bn1, x))
+        out = conv_bn(self.conv2, self.bn2, out)
         return self.relu(out + identity)
 
 
@@ -53,10 +66,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else _downsample(self.downsample, x)
+        out = self.relu(conv_bn(self.conv1, self.bn1, x))
+        out = self.relu(conv_bn(self.conv2, self.bn2, out))
+        out = conv_bn(self.conv3, self.bn3, out)
         return self.relu(out + identity)
 
 
@@ -171,7 +184,7 @@ class ResNet(nn.Module):
             UserWarning, stacklevel=3)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(conv_bn(self.conv1, self.bn1, x))
         x = self.maxpool(x)
         outs = []
         for i in range(4):

@@ -31,7 +31,7 @@ STD = (58.395, 57.12, 57.375)
 DEFAULT_TEST_CFG = dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.6),
                         max_per_img=100)
 # gfl_det's speed switches (gfl_det/fast/; the README's Speed section has the measurements)
-DEFAULT_FAST = dict(stem_pool=True, fused_qfl=False)
+DEFAULT_FAST = dict(stem_pool=True, fused_qfl=False, fold_bn=False)
 
 
 class GFL(nn.Module):
@@ -133,15 +133,18 @@ def build_detector(cfg: dict[str, Any], class_names: Optional[Sequence[str]] = N
 
     MMDetection's keys are accepted with the values gfl_det implements; any other ``type`` or
     option is refused naming the key (``gfl_det.config_check``). gfl_det's own keys:
-    ``channels_last`` and ``fast`` (``dict(stem_pool=True, fused_qfl=False)``, see gfl_det/fast/);
+    ``channels_last`` and ``fast`` (``dict(stem_pool=True, fused_qfl=False, fold_bn=False)``, see gfl_det/fast/);
     ``bbox_head.embed`` adds the identity-embedding branch and its loss (models/embed_head.py).
     """
     cfg = check_keys('model', pop_type('model', cfg, 'GFL'), backbone=None, neck=None, bbox_head=None,
                      train_cfg=None, test_cfg=None, data_preprocessor=None, init_cfg=(None,),
                      channels_last=None, fast=None)
     fast = check_keys('model.fast', {**DEFAULT_FAST, **dict(cfg.get('fast') or {})},
-                      stem_pool=(True, False), fused_qfl=(True, False))
+                      stem_pool=(True, False), fused_qfl=(True, False), fold_bn=(True, False))
     backbone = _build_backbone(cfg['backbone'], fast['stem_pool'])
+    if fast['fold_bn']:
+        from ..fast.fold_bn import use_folded_bn
+        use_folded_bn(backbone)
     neck = _build_neck(cfg['neck'], backbone)
     h = check_keys('bbox_head', pop_type('bbox_head', cfg['bbox_head'], 'GFLHead'), num_classes=None,
                    in_channels=None, feat_channels=None, stacked_convs=None, reg_max=None,

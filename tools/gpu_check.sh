@@ -12,10 +12,11 @@
 #   bench     tools/bench_vs_mmdet.py --device cuda: our rows beside MMDetection's
 #             bench_mmdet_gpu.py (train 2 fp32/fp16/bf16, 16 fp16; infer 1 fp32/fp16, 8 fp16)
 #                                                                                  -> bench.jsonl
-#   switches  the speed switches that only a GPU can decide: model.fast.fold_bn (the backbone's
-#             fixed-statistics BNs folded into their convs: less memory and BN kernel time, more
-#             launches) off / on at batch 16 bf16 and batch 2 fp32                -> switches.jsonl
-# About 11 minutes in all; STEPS="count sync" (any subset, in that order) runs fewer.
+#   switches  what only a GPU can decide: model.fast.fold_bn (the backbone's fixed-statistics BNs
+#             folded into their convs: less memory and BN kernel time, more launches) off / on at
+#             batch 16 bf16 and batch 2 fp32; --compile-loss (the criterion through inductor) on
+#             a loss call with 100 gt and a batch-2 training step                 -> switches.jsonl
+# About 13 minutes in all; STEPS="count sync" (any subset, in that order) runs fewer.
 #
 # Here, once, from the project root (both git-ignored):
 #   bash ../shared/device/prepare_wheels.sh      # .whl/: the py3.12 wheels that machine lacks
@@ -90,6 +91,10 @@ EOF
           bench switches.jsonl 90 --task train $t --shape 800 1333 --num-gt 10 --iters 10 --warmup 3 --fast fold_bn=$f
           note "switches $t fold_bn=$f" $?
         done
+      done
+      for t in "loss --num-gt 100" "train --num-gt 10"; do
+        bench switches.jsonl 150 --task $t --batch 2 --shape 800 1333 --iters 10 --warmup 3 --compile-loss
+        note "switches $t compile-loss" $?
       done ;;
     *) echo "unknown step $s (count sync pipeline bench switches)"; exit 2 ;;
   esac

@@ -373,6 +373,42 @@ def test_guard_checked_on_the_device_skips_the_same_steps_without_a_host_sync(ca
     assert dev.state_dict()['nonfinite_guard'] == host.state_dict()['nonfinite_guard']
 
 
+def test_float16_guard_on_the_device_equals_the_host_one():
+    """float16 AMP with a fused SGD: the GradScaler's overflow (NaN gradient, iteration 1) and the
+    guard's NaN loss (iteration 3) are skipped inside the fused kernel, with no host sync after
+    the first step; weights, statistics, momentum, the scaler's scale and growth tracker equal
+    the guard that reads on the host at every step; the NaN loss is counted once read."""
+    counter = load_tool('benchmark').OpCounter
+    hub = MessageHub.get_current_instance()
+    kw = dict(nan_grad_at=[2], nan_loss_at=[4])
+    wrappers, models = [], []
+    for check in ('interval', 'step'):
+        torch.manual_seed(0)
+        models.append(_model(**kw))
+        opt = torch.optim.SGD(models[-1].parameters(), lr=0.01, momentum=0.9, fused=True)
+        wrappers.append(mm.OPTIM_WRAPPERS.build(dict(
+            type='AmpOptimWrapper', dtype='float16', optimizer=opt,
+            loss_scale=dict(init_scale=1024., growth_interval=2),
+            nonfinite_guard=dict(check=check))))
+    dev, host = wrappers
+    data = batch()
+    scales = []
+    for it in range(1, 7):
+        hub.update_info('iter', it - 1)
+        models[1].train_step(data, host)
+        with counter() as c:
+            models[0].train_step(data, dev)
+        assert c.host_syncs == ({} if it > 1 else {'tolist': 1}), (it, c.host_syncs)
+        assert states_equal(models[1].state_dict(), models[0].state_dict()), it
+        assert optim_state_equal(host.optimizer.state_dict()['state'], dev.optimizer.state_dict()['state']), it
+        assert dev.loss_scaler.state_dict() == host.loss_scaler.state_dict(), it
+        scales.append(dev.loss_scaler.get_scale())
+    # 1, 2 grow-or-overflow as the scaler decides; the NaN loss at 4 leaves the scale alone
+    assert scales[1] == scales[0] / 2 and scales[3] == scales[2]
+    dev.settle()
+    assert dev.guard.skipped == host.guard.skipped == 1
+
+
 def test_guard_checked_on_the_device_stops_when_read_naming_the_streaks_iteration():
     hub = MessageHub.get_current_instance()
     model = _model(nan_loss_at=[3, 4, 5])

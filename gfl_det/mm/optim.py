@@ -81,7 +81,8 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     comes when the verdicts are read (the steps in between change nothing). ``check='auto'``
     (default) does this when it can; ``'interval'`` insists (an error for an optimizer that is
     not fused); ``'step'`` reads the flag every iteration (one host sync per step), as it must
-    for other optimizers and for float16's GradScaler. The very first step is always read on the
+    for an optimizer that is not fused. Under float16 AMP the same holds, the GradScaler's
+    overflow check included (:class:`AmpOptimWrapper`). The very first step is always read on the
     host (torch's fused SGD leaves its momentum buffers uninitialised on a skipped first step).
 
     A skipped step is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from the first
@@ -156,7 +157,7 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         constant buffers change nothing)."""
         m = model.module if is_model_wrapper(model) else model
         self._guard_model = m
-        if self._check_on_device and self._guard_grads:
+        if self._check_on_device:
             bufs = [b for mod in m.modules()
                     if isinstance(mod, _NormBase) and mod.training and mod.track_running_stats
                     for b in mod.buffers(recurse=False)]
@@ -212,11 +213,10 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
 
     def _can_check_on_device(self) -> bool:
         """The step can be skipped on the device: a fused optimizer (it takes ``found_inf``, as
-        under a GradScaler), gradients checked by the guard (not float16's scaler), and the
-        optimizer's state made (torch's fused SGD allocates its momentum buffers uninitialised on
-        the first step, so a skipped first step would leave garbage: that one is read on the
-        host)."""
-        if not (self._check_on_device and self._guard_grads and self._fused_optimizer()):
+        under a GradScaler), and the optimizer's state made (torch's fused SGD allocates its
+        momentum buffers uninitialised on the first step, so a skipped first step would leave
+        garbage: that one is read on the host)."""
+        if not (self._check_on_device and self._fused_optimizer()):
             return False
         state = self.optimizer.state
         return all(p in state and state[p] for g in self.optimizer.param_groups
@@ -229,6 +229,8 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         the largest gradient, the loss terms and each gradient's largest value are kept until
         :meth:`settle` reads them all at once (the logging interval, a checkpoint, validation)."""
         params = [p for g in self.optimizer.param_groups for p in g['params'] if p.grad is not None]
+        if not self._guard_grads:  # float16: the GradScaler checks the gradients, the guard the loss
+            params = []
         maxes = NonFiniteGuard.grad_maxes([p.grad for p in params])
         vals = NonFiniteGuard.check(loss, maxes=maxes)
         import torch.distributed as tdist
@@ -248,13 +250,19 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         self.last_step_bad = bad
         self._window_bad = bad if self._window_bad is None else self._window_bad | bad
         if self.should_update():
-            self.optimizer.found_inf = self._window_bad.float()
             try:
-                self.step(**step_kwargs)
+                self._step_unless(self._window_bad, step_kwargs)
             finally:
-                del self.optimizer.found_inf
                 self._window_bad = None
             self.zero_grad(**zero_kwargs)
+
+    def _step_unless(self, bad: Tensor, step_kwargs: dict) -> None:
+        """The optimizer step, which changes nothing where ``bad`` (a 0-dim bool on the device)."""
+        self.optimizer.found_inf = bad.float()
+        try:
+            self.step(**step_kwargs)
+        finally:
+            del self.optimizer.found_inf
 
     def settle(self) -> None:
         """Read the verdicts kept on the device (one host sync for all) and pass them to the
@@ -276,8 +284,9 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
                              if not math.isfinite(v)]
             names = {id(p): n for n, p in self._guard_model.named_parameters()} \
                 if self._guard_model is not None else {}
-            bad_params = [names.get(id(p), f'parameter {i}') for i, (p, v) in
-                          enumerate(zip(check.params, check.maxes.tolist())) if not math.isfinite(v)]
+            bad_params = [] if check.maxes is None else [
+                names.get(id(p), f'parameter {i}') for i, (p, v) in
+                enumerate(zip(check.params, check.maxes.tolist())) if not math.isfinite(v)]
             try:
                 self.guard.skip(check.iteration, NonFiniteGuard.explain(bad_terms, bad_params))
             finally:
@@ -323,7 +332,8 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
 class AmpOptimWrapper(OptimWrapper):
     """Mixed precision that also runs on the CPU (mmengine's refuses to be built without a GPU).
 
-    Non-finite steps: with float16 the GradScaler owns the gradient check -- a step whose
+    Non-finite steps (read on the device with a fused optimizer, as :class:`OptimWrapper`
+    says; the GradScaler then skips inside the fused kernel): with float16 the GradScaler owns the gradient check -- a step whose
     (scaled) gradients overflow is skipped by ``GradScaler.step`` and the scale is lowered, the
     normal dynamic loss-scaling mechanism; the guard of :class:`OptimWrapper` does not count
     those (no double counting, no stop) and checks only the loss itself (a NaN/Inf loss is not
@@ -365,6 +375,23 @@ class AmpOptimWrapper(OptimWrapper):
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         self.loss_scaler.scale(loss).backward(**kwargs)
         self._inner_count += 1
+
+    def _step_unless(self, bad: Tensor, step_kwargs: dict) -> None:
+        """float16 checked on the device: a bad loss makes the gradients non-finite, so the
+        GradScaler sees an overflow and skips the step inside the fused kernel (no sync); its
+        scale and growth tracker, which that overflow lowered, are then put back -- a NaN loss is
+        not a scaling problem. (bfloat16: no scaler, as without AMP.)"""
+        if not self.loss_scaler.is_enabled():
+            return super()._step_unless(bad, step_kwargs)
+        grads = [p.grad for g in self.optimizer.param_groups for p in g['params'] if p.grad is not None]
+        if grads:  # x inf (0 x inf = NaN: non-finite too) or x 1; a tensor factor: no host read
+            torch._foreach_mul_(grads, torch.where(bad, float('inf'), 1.0).to(grads[0].dtype))
+        scaler = self.loss_scaler
+        saved = (scaler._scale.clone(), scaler._growth_tracker.clone())  # private, as set by scale()
+        self.step(**step_kwargs)
+        with torch.no_grad():
+            scaler._scale.copy_(torch.where(bad, saved[0], scaler._scale))
+            scaler._growth_tracker.copy_(torch.where(bad, saved[1], scaler._growth_tracker))
 
     def step(self, **kwargs: Any) -> None:
         if self.clip_grad_kwargs:

@@ -19,7 +19,7 @@ def test_gfl_r50_equals_mmdet_1x():
     assert cfg.default_scope == 'gfl_det'
     # optimizer: SGD lr 0.01 (mmdet's gfl_r50_fpn_1x_coco overrides the base's 0.02)
     assert cfg.optim_wrapper.type == 'OptimWrapper'
-    # (fused=True: torch's one-kernel SGD, the same update; the non-finite guard skips on the device)
+    # (fused=True: torch's one-kernel SGD, the same update up to rounding; the guard skips on the device)
     assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=0.01, momentum=0.9,
                                                weight_decay=0.0001, fused=True)
     warm, steps = cfg.param_scheduler

@@ -20,9 +20,8 @@ param_scheduler = [
 # optimizer
 optim_wrapper = dict(
     type='OptimWrapper',
-    # fused=True: torch's one-kernel SGD (the same update as the foreach one, bit for bit; 4.7x
-    # faster on the CPU for R50's parameters), which also lets the guard below skip a step on
-    # the device
+    # fused=True: torch's one-kernel SGD (the same update up to float rounding; 4.7x faster on
+    # the CPU for R50's parameters), which also lets the guard below skip a step on the device
     optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001, fused=True),
     # gfl_det: a step whose loss or any gradient is NaN/Inf is skipped (no optimizer step,
     # gradients zeroed, BN statistics restored), counted (train/nonfinite_skipped in the log)

@@ -409,6 +409,28 @@ def test_float16_guard_on_the_device_equals_the_host_one():
     assert dev.guard.skipped == host.guard.skipped == 1
 
 
+def test_guard_checked_on_the_device_with_accumulation_skips_the_whole_window():
+    """accumulative_counts=2: a NaN loss in the first micro-batch of a window (iteration 3)
+    skips that window's step -- weights and momentum as after iteration 2 -- and the next
+    window steps normally; the bad micro-batch is counted once read."""
+    hub = MessageHub.get_current_instance()
+    model = _model(nan_loss_at=[3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    ow = mm.OPTIM_WRAPPERS.build(dict(type='OptimWrapper', optimizer=opt, accumulative_counts=2,
+                                      nonfinite_guard=dict(check='interval')))
+    ow.initialize_count_status(model, 0, 6)
+    snaps = {}
+    for it in range(1, 7):
+        hub.update_info('iter', it - 1)
+        model.train_step(batch(), ow)
+        snaps[it] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()['state']))
+    assert states_equal(snaps[2][0], snaps[4][0]) and optim_state_equal(snaps[2][1], snaps[4][1])
+    assert not states_equal(snaps[4][0], snaps[6][0])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    ow.settle()
+    assert ow.guard.skipped == 1
+
+
 def test_guard_checked_on_the_device_stops_when_read_naming_the_streaks_iteration():
     hub = MessageHub.get_current_instance()
     model = _model(nan_loss_at=[3, 4, 5])

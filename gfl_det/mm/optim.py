@@ -99,8 +99,9 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     schedule moves on through a skipped iteration, as it does for any iteration.
 
     With gradient accumulation (``accumulative_counts > 1``) a bad micro-batch also discards the
-    gradients accumulated before it in its window (checked on the device: the whole window's
-    step is skipped). For mixed precision see
+    gradients accumulated before it in its window. Checked on the device, the whole window is
+    one verdict -- every micro-batch's loss, and the accumulated gradients at the window's last
+    one -- counted once, at that last iteration, and a bad window's step is skipped. For mixed precision see
     :class:`AmpOptimWrapper`.
     """
 
@@ -138,7 +139,8 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         self._guard_bufs: list = []
         self._guard_backup: list = []
         self._pending_checks: list[_PendingCheck] = []
-        self._window_bad: Optional[Tensor] = None  # any bad micro-batch in the accumulation window
+        self._window_bad: Optional[Tensor] = None  # a non-finite loss in the accumulation window
+        self._window_terms: list[Tensor] = []  # the window's micro-batches' loss terms
         self.last_step_bad: Optional[Tensor] = None  # device-side verdict of the last call
 
     # ------------------------------------------------------------------ non-finite guard
@@ -228,33 +230,44 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         1); the buffers the forward pass changed are put back with ``torch.where``; the verdict,
         the largest gradient, the loss terms and each gradient's largest value are kept until
         :meth:`settle` reads them all at once (the logging interval, a checkpoint, validation)."""
+        terms = getattr(self._guard_model, 'last_loss_terms', None) or {}
+        names = [k for k, v in terms.items() if isinstance(v, Tensor)]
+        if names:
+            self._window_terms.append(torch.stack([terms[k].detach().float().mean() for k in names]))
+        if not self.should_update():  # inside an accumulation window: the gradients are not whole
+            loss_bad = ~torch.isfinite(loss.detach()).all()
+            self._window_bad = loss_bad if self._window_bad is None else self._window_bad | loss_bad
+            self._restore_buffers_where(loss_bad)  # what this micro-batch's forward pass changed
+            self.last_step_bad = loss_bad
+            return
+        # the window's last micro-batch: its losses and the accumulated gradients, one verdict
         params = [p for g in self.optimizer.param_groups for p in g['params'] if p.grad is not None]
         if not self._guard_grads:  # float16: the GradScaler checks the gradients, the guard the loss
             params = []
         maxes = NonFiniteGuard.grad_maxes([p.grad for p in params])
+        if self._window_bad is not None:  # an earlier micro-batch of the window had a bad loss
+            loss = torch.where(self._window_bad, float('nan'), loss.detach())
         vals = NonFiniteGuard.check(loss, maxes=maxes)
         import torch.distributed as tdist
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.all_reduce(vals, op=tdist.ReduceOp.MAX)
         bad = vals[0] > 0
-        with torch.no_grad():
-            for buf, backup in zip(self._guard_bufs, self._guard_backup):
-                buf.copy_(torch.where(bad, backup, buf))
-        terms = getattr(self._guard_model, 'last_loss_terms', None) or {}
-        names = [k for k, v in terms.items() if isinstance(v, Tensor)]
-        term_vals = (torch.stack([terms[k].detach().float().mean() for k in names]).to(vals.device)
-                     if names else None)
+        self._restore_buffers_where(bad)
+        term_vals = (None if not self._window_terms else self._window_terms[0] if len(self._window_terms) == 1
+                     else torch.stack(self._window_terms))  # (K,) or (M, K)
         it = self.message_hub.get_info('iter')
         self._pending_checks.append(_PendingCheck(None if it is None else int(it) + 1, vals,
                                                   names, term_vals, params, maxes))
         self.last_step_bad = bad
-        self._window_bad = bad if self._window_bad is None else self._window_bad | bad
-        if self.should_update():
-            try:
-                self._step_unless(self._window_bad, step_kwargs)
-            finally:
-                self._window_bad = None
-            self.zero_grad(**zero_kwargs)
+        self._window_bad, self._window_terms = None, []
+        self._step_unless(bad, step_kwargs)
+        self.zero_grad(**zero_kwargs)
+
+    def _restore_buffers_where(self, bad: Tensor) -> None:
+        """Put back the buffers the last forward pass changed where ``bad`` (on the device)."""
+        with torch.no_grad():
+            for buf, backup in zip(self._guard_bufs, self._guard_backup):
+                buf.copy_(torch.where(bad, backup, buf))
 
     def _step_unless(self, bad: Tensor, step_kwargs: dict) -> None:
         """The optimizer step, which changes nothing where ``bad`` (a 0-dim bool on the device)."""
@@ -279,9 +292,12 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
                 self.guard.passed(gmax if check.params else None, check.iteration)
                 continue
             bad_terms = []
-            if check.term_vals is not None:
-                bad_terms = [(k, v) for k, v in zip(check.term_names, check.term_vals.tolist())
-                             if not math.isfinite(v)]
+            if check.term_vals is not None:  # (M, K): the window's M micro-batches
+                rows = check.term_vals.reshape(-1, len(check.term_names)).tolist()
+                for k, column in zip(check.term_names, zip(*rows)):
+                    v = next((v for v in column if not math.isfinite(v)), None)
+                    if v is not None:
+                        bad_terms.append((k, v))
             names = {id(p): n for n, p in self._guard_model.named_parameters()} \
                 if self._guard_model is not None else {}
             bad_params = [] if check.maxes is None else [

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,17 @@ def _downsample(ds: nn.Module, x: Tensor) -> Tensor:
     return conv_bn(ds[0], ds[1], x) if isinstance(ds, nn.Sequential) and len(ds) == 2 else ds(x)
 
 
+def _maybe_checkpoint(block: nn.Module, x: Tensor) -> Tensor:
+    """``block.block_forward(x)``, recomputed in backward instead of kept (``with_cp``, as
+    MMDetection: only where the input needs a gradient)."""
+    if block.with_cp and x.requires_grad and torch.is_grad_enabled():
+        return checkpoint(block.block_forward, x, use_reentrant=False)
+    return block.block_forward(x)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
+    with_cp = False  # ResNet(with_cp=True): recompute the block in backward (less memory)
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
@@ -45,6 +55,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
+        return _maybe_checkpoint(self, x)
+
+    def block_forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else _downsample(self.downsample, x)
         out = self.relu(conv_bn(self.conv1, self.bn1, x))
         out = conv_bn(self.conv2, self.bn2, out)
@@ -53,6 +66,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     expansion = 4
+    with_cp = False
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
@@ -66,6 +80,9 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
+        return _maybe_checkpoint(self, x)
+
+    def block_forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else _downsample(self.downsample, x)
         out = self.relu(conv_bn(self.conv1, self.bn1, x))
         out = self.relu(conv_bn(self.conv2, self.bn2, out))
@@ -88,16 +105,24 @@ class ResNet(nn.Module):
             -1 = none).
         norm_eval: keep every BN in eval mode (running statistics, no update) even in
             ``train()``, as MMDetection does for detection fine-tuning with small batches.
+        with_cp: recompute each residual block's activations in backward instead of keeping
+            them (``torch.utils.checkpoint``; MMDetection's key): less memory, one more forward
+            of the checkpointed blocks. Needs ``norm_eval`` (the recomputation would update
+            training-mode BN statistics a second time).
         pretrained: None, a local checkpoint path, or ``"torchvision://resnet50"``-style name
             (torchvision downloads it where a network is available).
     """
 
     def __init__(self, depth: int = 50, base_channels: int = 64, out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = 1, norm_eval: bool = True, zero_init_residual: bool = True,
-                 pretrained: str | None = None):
+                 pretrained: str | None = None, with_cp: bool = False):
         super().__init__()
         if depth not in ARCH:
             raise ValueError(f"ResNet depth must be one of {sorted(ARCH)}, got {depth}")
+        if with_cp and not norm_eval:
+            raise ValueError("backbone with_cp=True needs norm_eval=True: the checkpointed blocks run their "
+                             "forward again in backward, which would update training-mode BatchNorm "
+                             "statistics twice; set norm_eval=True or with_cp=False")
         block, layers = ARCH[depth]
         self.depth, self.out_indices = depth, tuple(out_indices)
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
@@ -116,6 +141,8 @@ class ResNet(nn.Module):
             blocks = [block(inplanes, planes, stride, downsample)]
             inplanes = planes * block.expansion
             blocks += [block(inplanes, planes) for _ in range(n - 1)]
+            for blk in blocks:
+                blk.with_cp = with_cp
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels.append(inplanes)
         self.init_weights(zero_init_residual)

@@ -177,7 +177,7 @@ def _build_backbone(cfg: dict, stem_pool: bool) -> ResNet:
     b = check_keys('backbone', pop_type('backbone', cfg, 'ResNet'), depth=None, base_channels=None,
                    num_stages=(4,), out_indices=None, frozen_stages=None, norm_eval=None,
                    zero_init_residual=None, style=('pytorch',), init_cfg=None, pretrained=(None,),
-                   norm_cfg=(dict(type='BN', requires_grad=True),), dcn=(None,), with_cp=(False,),
+                   norm_cfg=(dict(type='BN', requires_grad=True),), dcn=(None,), with_cp=(True, False),
                    deep_stem=(False,), avg_down=(False,), strides=((1, 2, 2, 2), [1, 2, 2, 2]),
                    dilations=((1, 1, 1, 1), [1, 1, 1, 1]))
     init = dict(b.get('init_cfg') or {})
@@ -187,7 +187,7 @@ def _build_backbone(cfg: dict, stem_pool: bool) -> ResNet:
     backbone = ResNet(depth=b.get('depth', 50), base_channels=b.get('base_channels', 64),
                       out_indices=b.get('out_indices', (0, 1, 2, 3)), frozen_stages=b.get('frozen_stages', 1),
                       norm_eval=b.get('norm_eval', True), zero_init_residual=b.get('zero_init_residual', True),
-                      pretrained=init.get('checkpoint'))
+                      pretrained=init.get('checkpoint'), with_cp=b.get('with_cp', False))
     if stem_pool:
         from ..fast.pool import use_separable_stem_pool
         use_separable_stem_pool(backbone)

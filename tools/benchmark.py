@@ -68,6 +68,8 @@ def parse_args(argv=None):
                         "mapped: gfl_det/fast/malloc.py); shows what that setting is worth")
     p.add_argument("--fast", nargs="+", default=[], metavar="KEY=BOOL",
                    help="gfl_det/fast/ switches (the config's model.fast), e.g. fused_qfl=true stem_pool=false")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, as tools/train.py, e.g. model.backbone.with_cp=True")
     p.add_argument("--checkpoint", help="weights to load (default: random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, images and boxes (default 0)")
@@ -220,6 +222,11 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        from mmengine.config import DictAction
+        opts = argparse.Namespace()
+        DictAction(option_strings=[], dest="o")(None, opts, args.cfg_options)
+        cfg.merge_from_dict(opts.o)
     model_cfg = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
     model_cfg.get("backbone", {}).pop("init_cfg", None)  # random weights: no pretrained download
     if args.fast:
@@ -316,7 +323,8 @@ def run(args) -> dict:
     med = statistics.median(times)
     res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
-               compile=args.compile, compile_loss=args.compile_loss, fast=parse_switches(args.fast), fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
+               compile=args.compile, compile_loss=args.compile_loss, fast=parse_switches(args.fast),
+               cfg_options=args.cfg_options, fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
                winograd=args.winograd, malloc=describe(), threads=torch.get_num_threads(), torch=torch.__version__,
                iters=args.iters, warmup_s=round(warmup_s, 3), median_s=med, min_s=min(times), max_s=max(times),
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))

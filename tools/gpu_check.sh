@@ -16,7 +16,8 @@
 #   switches  what only a GPU can decide: model.fast.fold_bn (the backbone's fixed-statistics BNs
 #             folded into their convs: less memory and BN kernel time, more launches) off / on at
 #             batch 16 bf16 and batch 2 fp32; --compile-loss (the criterion through inductor) on
-#             a loss call with 100 gt and a batch-2 training step                 -> switches.jsonl
+#             a loss call with 100 gt and a batch-2 training step; backbone with_cp at batch 16
+#             (memory for compute)                                               -> switches.jsonl
 # About 13 minutes in all; STEPS="count sync" (any subset, in that order) runs fewer.
 #
 # Here, once, from the project root (both git-ignored):
@@ -94,6 +95,9 @@ EOF
           note "switches $t fold_bn=$f" $?
         done
       done
+      bench switches.jsonl 90 --task train --batch 16 --amp bf16 --shape 800 1333 --num-gt 10 --iters 10 --warmup 3 \
+        --cfg-options model.backbone.with_cp=True
+      note "switches batch 16 bf16 with_cp" $?
       for t in "loss --num-gt 100" "train --num-gt 10"; do
         bench switches.jsonl 150 --task $t --batch 2 --shape 800 1333 --iters 10 --warmup 3 --compile-loss
         note "switches $t compile-loss" $?

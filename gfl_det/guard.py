@@ -20,10 +20,10 @@ writes nothing -- no epoch checkpoint, no new best -- while it is not). Clean me
 How to use it (``gfl_det.mm.optim.OptimWrapper`` does this under mmengine): after backward,
 :meth:`NonFiniteGuard.check` reduces the total loss and every gradient to two numbers on the
 device (non-finite flag, largest absolute gradient), read once (a single host sync per
-iteration -- or none: ``gfl_det.mm.OptimWrapper`` with a fused optimizer keeps the flags on the
-device, skips a bad step there, and reads them at the logging interval); only when the flag is set does
-:meth:`NonFiniteGuard.describe` look at the loss terms and gradients one by one to name the
-culprit (rare, so its syncs do not matter), and :meth:`NonFiniteGuard.skip` counts, logs and
+iteration -- or none: ``gfl_det.mm.OptimWrapper`` with a fused optimizer keeps the flags on
+the device, skips a bad step there, and reads them at the logging interval); only when the
+flag is set does :meth:`NonFiniteGuard.describe` look at the loss terms and gradients one by
+one to name the culprit (rare, so its syncs do not matter), and :meth:`NonFiniteGuard.skip` counts, logs and
 raises; a good step calls :meth:`NonFiniteGuard.passed` with its largest gradient.
 """
 from __future__ import annotations

@@ -324,7 +324,8 @@ def run(args) -> dict:
     res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
                compile=args.compile, compile_loss=args.compile_loss, fast=parse_switches(args.fast),
-               cfg_options=args.cfg_options, fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
+               cfg_options=args.cfg_options,
+               fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
                winograd=args.winograd, malloc=describe(), threads=torch.get_num_threads(), torch=torch.__version__,
                iters=args.iters, warmup_s=round(warmup_s, 3), median_s=med, min_s=min(times), max_s=max(times),
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))

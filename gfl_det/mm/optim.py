@@ -53,7 +53,7 @@ class _PendingCheck(NamedTuple):
     iteration: Optional[int]
     vals: Tensor                 # (2,): non-finite flag, largest |gradient|
     term_names: list
-    term_vals: Optional[Tensor]  # (K,) the loss terms
+    term_vals: Optional[Tensor]  # (K,) the loss terms, (M, K) for an accumulation window of M
     params: list                 # the parameters whose gradients were checked ...
     maxes: Optional[Tensor]      # (P,) ... and each one's largest |gradient|
 
@@ -85,9 +85,9 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     overflow check included (:class:`AmpOptimWrapper`). The very first step is always read on the
     host (torch's fused SGD leaves its momentum buffers uninitialised on a skipped first step).
 
-    A skipped step is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from the first
-    skip on; the guard's state is saved in checkpoints with the optimizer state) and logged with the
-    iteration (1-based, as mmengine's logs) and the loss term(s) that are non-finite, or the
+    A skipped step is counted (``train/nonfinite_skipped`` in the MessageHub and the log, from
+    the first skip on; the guard's state is saved in checkpoints with the optimizer state) and
+    logged with the iteration (1-based, as mmengine's logs) and the loss term(s) that are non-finite, or the
     parameters whose gradient is. :class:`DeferredRuntimeInfoHook` leaves a skipped step's
     losses out of the logged (smoothed) values, so one NaN does not turn the next 50 log lines
     into NaN. ``max_consecutive`` skipped steps in a row raise
@@ -95,14 +95,14 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
     to the message). The guard also records each good step's largest absolute gradient, so that
     it can tell a diverged state (:meth:`gfl_det.guard.NonFiniteGuard.dirty_reason`), which
     :class:`gfl_det.mm.hooks.CheckpointHook` never saves. ``nonfinite_guard`` takes the guard's
-    keywords (``max_consecutive``, ``diverge_factor``, ``window``, ``min_history``). The lr
+    keywords (``max_consecutive``, ``diverge_factor``, ``window``, ``min_history``) and ``check``. The lr
     schedule moves on through a skipped iteration, as it does for any iteration.
 
     With gradient accumulation (``accumulative_counts > 1``) a bad micro-batch also discards the
     gradients accumulated before it in its window. Checked on the device, the whole window is
     one verdict -- every micro-batch's loss, and the accumulated gradients at the window's last
-    one -- counted once, at that last iteration, and a bad window's step is skipped. For mixed precision see
-    :class:`AmpOptimWrapper`.
+    one -- counted once, at that last iteration, and a bad window's step is skipped. For mixed
+    precision see :class:`AmpOptimWrapper`.
     """
 
     _guard_grads = True  # AmpOptimWrapper: False when its GradScaler checks the gradients
@@ -348,9 +348,9 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
 class AmpOptimWrapper(OptimWrapper):
     """Mixed precision that also runs on the CPU (mmengine's refuses to be built without a GPU).
 
-    Non-finite steps (read on the device with a fused optimizer, as :class:`OptimWrapper`
-    says; the GradScaler then skips inside the fused kernel): with float16 the GradScaler owns the gradient check -- a step whose
-    (scaled) gradients overflow is skipped by ``GradScaler.step`` and the scale is lowered, the
+    Non-finite steps (read on the device with a fused optimizer, as :class:`OptimWrapper` says;
+    the GradScaler then skips inside the fused kernel): with float16 the GradScaler owns the
+    gradient check -- a step whose (scaled) gradients overflow is skipped by ``GradScaler.step`` and the scale is lowered, the
     normal dynamic loss-scaling mechanism; the guard of :class:`OptimWrapper` does not count
     those (no double counting, no stop) and checks only the loss itself (a NaN/Inf loss is not
     a scaling problem: it is skipped and counted as without AMP, and the scaler is left as it

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .host import host_tensor
+
 
 
 @dataclass
@@ -78,11 +80,13 @@ def make_priors(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int],
     starts = [sum(counts[:i]) for i in range(len(counts))]
     pri = Priors(points, strides_a, sizes, list(strides), counts,
                  centres=points / strides_a[:, None],
-                 level=torch.repeat_interleave(torch.arange(len(sizes), device=device),  # no read-back
-                                               torch.tensor(counts, device=device), output_size=sum(counts)),
-                 level_hw=torch.tensor(sizes, dtype=torch.long, device=device).reshape(-1, 2),
-                 level_stride=torch.tensor(list(strides), dtype=torch.long, device=device),
-                 level_start=torch.tensor(starts, dtype=torch.long, device=device))
+                 # sizes from the host without a sync: pinned, non-blocking copies (gfl_det/host.py),
+                 # and repeat_interleave told its output size
+                 level=torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                               host_tensor(counts, device), output_size=sum(counts)),
+                 level_hw=host_tensor(sizes, device, torch.long).reshape(-1, 2),
+                 level_stride=host_tensor(list(strides), device, torch.long),
+                 level_start=host_tensor(starts, device, torch.long))
     if len(_CACHE) > 64:
         _CACHE.clear()
     _CACHE[key] = pri

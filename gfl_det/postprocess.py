@@ -109,7 +109,7 @@ def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Ten
     """One NMS call for the whole batch: per (image, class) groups via an exact float64 offset.
     boxes (B, N, 4), scores / labels / priors / keep (B, N)."""
     B, N = scores.shape
-    sel = keep.flatten().nonzero().squeeze(1)  # the one host sync of post-processing
+    sel = keep.flatten().nonzero().squeeze(1)  # host read 1 of 3 (then the max_per_img cut, the counts)
     b, s, l, p = boxes.reshape(-1, 4)[sel], scores.flatten()[sel], labels.flatten()[sel], priors.flatten()[sel]
     im = sel // N  # each candidate's image
     if sel.numel():

@@ -57,14 +57,18 @@ _OPTIONS = {  # per type: option -> allowed values (None: any)
 ACTIVE_MARGIN = 0.2  # the margin of embed_active_triplets for losses without one
 
 
-def select_best_positives(pos: Tensor, assigned: Tensor, quality: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def select_best_positives(pos: Tensor, assigned: Tensor, quality: Tensor, k: int,
+                          num_gt: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Per gt box its ``k`` positives of highest ``quality`` (ties: the lower prior index first).
 
-    pos (B, A) bool, assigned (B, A) gt index (-1 negative), quality (B, A). Returns the rows
+    pos (B, A) bool, assigned (B, A) gt index (-1 negative), quality (B, A); ``num_gt``: G, the
+    gt slots per image (read from ``assigned`` when not given: a host read). Returns the rows
     (b (N,), a (N,)) grouped by (image, gt), best first. No loop: the positives are compacted
     once, sorted by quality and then (stably) by their gt, and each keeps its rank in its group."""
     b, a = pos.nonzero(as_tuple=True)  # (P,) in (b, a) order
-    group = b * (int(assigned.max()) + 1 if assigned.numel() else 1) + assigned[b, a]  # (P,) one per gt
+    if num_gt is None:
+        num_gt = int(assigned.max()) + 1 if assigned.numel() else 1
+    group = b * max(num_gt, 1) + assigned[b, a]  # (P,) one per gt
     order = quality[b, a].sort(descending=True, stable=True).indices  # best first, ties by (b, a)
     order = order[group[order].sort(stable=True).indices]  # grouped by gt, best first inside
     g = group[order]
@@ -160,7 +164,8 @@ class EmbeddingLoss(nn.Module):
                              "give the annotations an 'instance_id' (CocoDataset(identities='instance_id')) "
                              "or train on two views of each image (MultiViewDataset, views=2)")
         t = prior_targets
-        b, a = select_best_positives(t.pos, t.assigned, positives.quality, self.max_per_gt)  # (N,)
+        b, a = select_best_positives(t.pos, t.assigned, positives.quality, self.max_per_gt,
+                                     num_gt=targets.ids.shape[1])  # (N,)
         ids = targets.ids[b, t.assigned[b, a]]  # (N,) the gt's identity
         known = (ids >= 0).nonzero().squeeze(1)
         emb = self.rows(outputs.embed, b[known], a[known])  # (N, D)

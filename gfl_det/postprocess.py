@@ -13,6 +13,7 @@ per-class NMS. Decisions can differ only for IoUs within rounding of the thresho
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -20,6 +21,7 @@ import torchvision
 from torch import Tensor
 
 from .boxes import distance2bbox
+from .host import host_tensor
 from .priors import Priors
 
 
@@ -40,19 +42,19 @@ def gather_prior_rows(levels: Sequence[Tensor], b: Tensor, a: Tensor,
     all levels. Reads only the N rows (no (B, A, D) copy of the maps); differentiable.
     ``read(map, b, y, x) -> (n, D')`` replaces the plain read ``map[b, :, y, x]`` (e.g. a small
     network over each row's neighbourhood); rows come back in the order of (b, a)."""
-    sizes = torch.tensor([e.shape[-2] * e.shape[-1] for e in levels], device=a.device)
-    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # (L + 1,)
-    level = torch.bucketize(a, starts[1:], right=True)  # (N,) the level of each row
-    parts, where = [], []
-    for i, e in enumerate(levels):
-        sel = (level == i).nonzero().squeeze(1)
-        j = a[sel] - starts[i]  # index inside the level, y * W_l + x
+    sizes = [e.shape[-2] * e.shape[-1] for e in levels]
+    ends = list(itertools.accumulate(sizes))  # each level's end among all A priors
+    level = torch.bucketize(a, host_tensor(ends, a.device), right=True)  # (N,) the level of each row
+    # the rows grouped by level, (b, a) order kept inside each: one host read (the group sizes)
+    order = level.argsort(stable=True)
+    counts = torch.bincount(level, minlength=len(levels)).tolist()
+    parts = []
+    for e, sel, end, size in zip(levels, order.split(counts), ends, sizes):
+        j = a[sel] - (end - size)  # index inside the level, y * W_l + x
         y, x = j // e.shape[-1], j % e.shape[-1]
         parts.append(e[b[sel], :, y, x] if read is None else read(e, b[sel], y, x))  # (n_l, D)
-        where.append(sel)
-    where = torch.cat(where)
-    inverse = torch.empty_like(where)
-    inverse[where] = torch.arange(len(where), device=where.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
     return torch.cat(parts)[inverse]
 
 

@@ -143,6 +143,10 @@ def test_best_positives_equal_a_brute_force_loop(k):
     quality = torch.rand(B, A, generator=g).round(decimals=1)  # many ties: broken by prior index
     b, a = select_best_positives(pos, assigned, quality, k)
     assert sorted(zip(b.tolist(), a.tolist())) == brute_force_selection(pos, assigned, quality, k)
+    # given the number of gt slots (as the loss does: no read of assigned.max()), the same rows
+    for num_gt in (G, G + 5):
+        b2, a2 = select_best_positives(pos, assigned, quality, k, num_gt=num_gt)
+        assert torch.equal(b2, b) and torch.equal(a2, a)
 
 
 def test_selection_on_a_real_assignment_and_the_identities_it_carries():

@@ -23,6 +23,18 @@ def load_tool(name: str):
     return mod
 
 
+def kept_for_backward(fn, *args):
+    """``fn(*args)`` and the bytes autograd keeps for its backward (each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(storages.values())
+
+
 def pytest_configure(config):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -11,6 +11,7 @@ tests/test_models.py; the criterion with fused_qfl on the golden files: test_mmd
 """
 import pytest
 import torch
+from conftest import kept_for_backward
 
 import gfl_det.fast.pool as fpool
 import gfl_det.fast.qfl as fqfl
@@ -197,19 +198,9 @@ def test_fold_bn_equals_conv_then_bn_with_every_gradient(depth):
 
 def test_fold_bn_keeps_less_for_backward_and_leaves_training_bns_alone():
     from gfl_det.fast.fold_bn import use_folded_bn
-
-    def saved_bytes(model, x):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-        return sum(storages.values())
     x = torch.randn(2, 3, 256, 384)  # large enough for the activations to outweigh the weights
-    plain = saved_bytes(_resnet_with_statistics(), x)
-    folded = saved_bytes(use_folded_bn(_resnet_with_statistics()), x)
+    _, plain = kept_for_backward(_resnet_with_statistics(), x)
+    _, folded = kept_for_backward(use_folded_bn(_resnet_with_statistics()), x)
     assert folded < 0.85 * plain, (folded, plain)  # the BNs' copies of the conv outputs are gone
     # a BN that trains its statistics (norm_eval=False) is not folded: batch statistics move
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import kept_for_backward
 
 from gfl_det.models import FPN, GFLHead, ResNet, build_detector
 
@@ -60,16 +61,10 @@ def test_with_cp_recomputes_blocks_same_gradients_less_kept(depth):
     def run(with_cp):
         torch.manual_seed(0)
         r = ResNet(depth=depth, base_channels=8, frozen_stages=0, norm_eval=True, with_cp=with_cp).train()
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
         x = torch.randn(2, 3, 128, 192, generator=torch.Generator().manual_seed(1))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            outs = r(x)
+        outs, kept = kept_for_backward(r, x)
         sum((o * o).sum() for o in outs).backward()
-        return outs, {n: p.grad for n, p in r.named_parameters() if p.grad is not None}, sum(storages.values())
+        return outs, {n: p.grad for n, p in r.named_parameters() if p.grad is not None}, kept
     outs, grads, kept = run(False)
     outs_cp, grads_cp, kept_cp = run(True)
     assert all(torch.equal(a, b) for a, b in zip(outs, outs_cp))

@@ -329,8 +329,10 @@ def test_amp_float16_overflow_is_the_grad_scalers_not_counted_twice():
 
 
 def _fused_wrapper(model, **kw):
+    """The configs' optimizer (fused SGD) in gfl_det's wrapper (``type='OptimWrapper'`` unless
+    ``kw`` names another)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
-    return mm.OPTIM_WRAPPERS.build(dict(kw, type='OptimWrapper', optimizer=opt))
+    return mm.OPTIM_WRAPPERS.build(dict(dict(type='OptimWrapper'), **kw, optimizer=opt))
 
 
 def test_guard_checked_on_the_device_skips_the_same_steps_without_a_host_sync(caplog):
@@ -385,11 +387,9 @@ def test_float16_guard_on_the_device_equals_the_host_one():
     for check in ('interval', 'step'):
         torch.manual_seed(0)
         models.append(_model(**kw))
-        opt = torch.optim.SGD(models[-1].parameters(), lr=0.01, momentum=0.9, fused=True)
-        wrappers.append(mm.OPTIM_WRAPPERS.build(dict(
-            type='AmpOptimWrapper', dtype='float16', optimizer=opt,
-            loss_scale=dict(init_scale=1024., growth_interval=2),
-            nonfinite_guard=dict(check=check))))
+        wrappers.append(_fused_wrapper(models[-1], type='AmpOptimWrapper', dtype='float16',
+                                       loss_scale=dict(init_scale=1024., growth_interval=2),
+                                       nonfinite_guard=dict(check=check)))
     dev, host = wrappers
     data = batch()
     scales = []
@@ -415,15 +415,13 @@ def test_guard_checked_on_the_device_with_accumulation_skips_the_whole_window():
     window steps normally; the bad micro-batch is counted once read."""
     hub = MessageHub.get_current_instance()
     model = _model(nan_loss_at=[3])
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
-    ow = mm.OPTIM_WRAPPERS.build(dict(type='OptimWrapper', optimizer=opt, accumulative_counts=2,
-                                      nonfinite_guard=dict(check='interval')))
+    ow = _fused_wrapper(model, accumulative_counts=2, nonfinite_guard=dict(check='interval'))
     ow.initialize_count_status(model, 0, 6)
     snaps = {}
     for it in range(1, 7):
         hub.update_info('iter', it - 1)
         model.train_step(batch(), ow)
-        snaps[it] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()['state']))
+        snaps[it] = (copy.deepcopy(model.state_dict()), copy.deepcopy(ow.optimizer.state_dict()['state']))
     assert states_equal(snaps[2][0], snaps[4][0]) and optim_state_equal(snaps[2][1], snaps[4][1])
     assert not states_equal(snaps[4][0], snaps[6][0])
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())

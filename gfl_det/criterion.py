@@ -113,6 +113,8 @@ class GFLCriterion(nn.Module):
         extra_terms: ``{name: term}`` more loss terms (see :data:`ExtraTerm`).
         fused_qfl: compute loss_cls with :func:`gfl_det.fast.qfl.fused_qfl_sum` (the same sum and
             gradient in one pass, beta 2 only) instead of :func:`quality_focal_loss`.
+        compile_loss: run :meth:`gfl_losses` through ``torch.compile``, one compilation for
+            every image shape (:mod:`gfl_det.fast.compile_loss`).
     """
 
     def __init__(self, num_classes: int, reg_max: int = 16, strides: Sequence[int] = (8, 16, 32, 64, 128),
@@ -121,7 +123,7 @@ class GFLCriterion(nn.Module):
                  assigner: Optional[dict] = None, bbox_coder: Optional[dict] = None,
                  sampler: Optional[dict] = None, allowed_border: int = -1, pos_weight: float = -1,
                  debug: bool = False, extra_terms: Optional[Mapping[str, ExtraTerm]] = None,
-                 fused_qfl: bool = False):
+                 fused_qfl: bool = False, compile_loss: bool = False):
         super().__init__()
         self.num_classes, self.reg_max = int(num_classes), int(reg_max)
         self.strides, self.octave_base_scale = tuple(strides), float(octave_base_scale)
@@ -150,6 +152,8 @@ class GFLCriterion(nn.Module):
         if fused_qfl and self.beta != 2.0:
             raise ValueError(f'fused_qfl implements QFL with beta 2 only; loss_cls.beta is {self.beta}')
         self.fused_qfl = bool(fused_qfl)
+        self.compile_loss = bool(compile_loss)  # gfl_det/fast/compile_loss.py
+        self.compile_backend = 'inductor'
         self.extra_terms = nn.ModuleDict({k: v for k, v in (extra_terms or {}).items()
                                           if isinstance(v, nn.Module)})
         self._plain_terms = {k: v for k, v in (extra_terms or {}).items() if not isinstance(v, nn.Module)}
@@ -158,17 +162,27 @@ class GFLCriterion(nn.Module):
     def forward(self, outputs: HeadOutputs, targets: Targets, metas: Sequence[dict]) -> dict[str, Tensor]:
         """All loss terms of a batch, weighted and normalised."""
         with torch.autocast(device_type=outputs.cls[0].device.type, enabled=False):
-            t = self.prior_targets(outputs, targets, metas)
-            p = self.positives(outputs, t)
-            sums = self.loss_sums(outputs, t, p)
-            norms = self.normalisers(t, p)
-            losses = {k: self.loss_weights[k] * sums[k] / norms[k] for k in sums}
+            if self.compile_loss:
+                from .fast.compile_loss import compiled_gfl_losses
+                losses, t, p = compiled_gfl_losses(self.compile_backend)(self, outputs, targets, metas)
+            else:
+                losses, t, p = self.gfl_losses(outputs, targets, metas)
             for name, term in self.terms():
                 for k, v in term(outputs, targets, t, p).items():
                     if k in losses:
                         raise KeyError(f'extra loss term {name!r} returned {k!r}, which exists already')
                     losses[k] = v
         return losses
+
+    def gfl_losses(self, outputs: HeadOutputs, targets: Targets,
+                   metas: Sequence[dict]) -> tuple[dict[str, Tensor], PriorTargets, Positives]:
+        """Steps 1-6: the GFL terms (weighted and normalised), and the prior targets and
+        positives the extra terms are given. What ``fast.compile_loss`` compiles."""
+        t = self.prior_targets(outputs, targets, metas)
+        p = self.positives(outputs, t)
+        sums = self.loss_sums(outputs, t, p)
+        norms = self.normalisers(t, p)
+        return {k: self.loss_weights[k] * sums[k] / norms[k] for k in sums}, t, p
 
     def terms(self) -> list[tuple[str, ExtraTerm]]:
         return list(self.extra_terms.items()) + list(self._plain_terms.items())

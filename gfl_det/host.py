@@ -14,7 +14,12 @@ from torch import Tensor
 
 
 def host_tensor(data: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.tensor(data, dtype)`` on ``device``, copied asynchronously when that is a GPU."""
+    """``torch.tensor(data, dtype)`` on ``device``, copied asynchronously when that is a GPU.
+
+    Under ``torch.compile`` the data may be symbolic sizes: the tensor is made where it is
+    needed, inside the graph (no host copy to schedule)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(data, dtype=dtype, device=device)
     t = torch.tensor(data, dtype=dtype)
     device = torch.device(device)
     if device.type == "cpu":

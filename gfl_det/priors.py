@@ -62,9 +62,14 @@ _CACHE: dict = {}
 
 def make_priors(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int],
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Priors:
-    """Priors of all levels for feature maps of the given (H_l, W_l). Cached per shapes/device."""
+    """Priors of all levels for feature maps of the given (H_l, W_l). Cached per shapes/device.
+
+    Under ``torch.compile`` the sizes are symbolic and the priors are part of the traced graph
+    (no cache lookup: hashing the sizes would specialise them, one compilation per image shape).
+    """
+    compiling = torch.compiler.is_compiling()
     key = (tuple(map(tuple, feat_sizes)), tuple(strides), str(device), dtype)
-    hit = _CACHE.get(key)
+    hit = None if compiling else _CACHE.get(key)
     if hit is not None:
         return hit
     pts, st = [], []
@@ -87,6 +92,8 @@ def make_priors(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[int],
                  level_hw=host_tensor(sizes, device, torch.long).reshape(-1, 2),
                  level_stride=host_tensor(list(strides), device, torch.long),
                  level_start=host_tensor(starts, device, torch.long))
+    if compiling:
+        return pri
     if len(_CACHE) > 64:
         _CACHE.clear()
     _CACHE[key] = pri

@@ -11,7 +11,7 @@ tests/test_models.py; the criterion with fused_qfl on the golden files: test_mmd
 """
 import pytest
 import torch
-from conftest import kept_for_backward
+from conftest import ROOT, kept_for_backward
 
 import gfl_det.fast.pool as fpool
 import gfl_det.fast.qfl as fqfl
@@ -228,3 +228,106 @@ def test_fold_bn_reuses_a_frozen_pair_until_its_weights_change():
         for a, b in zip(r(x), plain(x)):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
     assert r.bn1.__dict__['_folded'] is not first
+
+
+# ---------------------------------------------------------------- fast.compile_loss
+def _small_detector(**fast):
+    from gfl_det.models import build_detector
+    cfg = dict(backbone=dict(depth=18, base_channels=8, init_cfg=None), neck=dict(in_channels=[8, 16, 32, 64],
+               out_channels=32), bbox_head=dict(num_classes=3, in_channels=32, feat_channels=32, stacked_convs=1),
+               fast=fast)
+    torch.manual_seed(0)
+    return build_detector(cfg)
+
+
+def _loss_case(model, H, W, G, seed):
+    """Head outputs (leaves, so their gradients can be compared), gt and metas of a batch of 2
+    whose second image is narrower than the batch (its own pad shape)."""
+    from gfl_det.structures import HeadOutputs, Targets
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, H, W, generator=g))
+    out = HeadOutputs([c.clone().requires_grad_() for c in out.cls], [r.clone().requires_grad_() for r in out.reg])
+    xy = torch.rand(2, G, 2, generator=g) * torch.tensor([W - 64.0, H - 64.0])
+    wh = 8 + torch.rand(2, G, 2, generator=g) * 56
+    valid = torch.rand(2, G, generator=g) > 0.2
+    targets = Targets(torch.cat([xy, xy + wh], -1), torch.randint(0, 3, (2, G), generator=g).masked_fill(~valid, -1),
+                      valid)
+    metas = [dict(img_shape=(H, W), pad_shape=(H, W)), dict(img_shape=(H, W - 32), pad_shape=(H, W - 32))]
+    return out, targets, metas
+
+
+def _losses_and_grads(criterion, out, targets, metas):
+    losses = criterion(out, targets, metas)
+    grads = torch.autograd.grad(sum(losses.values()), out.cls + out.reg)
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def test_compile_loss_compiles_once_for_every_image_shape():
+    """model.fast.compile_loss: one dynamo graph serves batches of other padded shapes and gt
+    counts (no recompilation per shape: dynamo would give up after 8 and run eager), with the
+    values and gradients of the eager criterion. The eager backend checks the capture and its
+    guards without code generation; the inductor test below checks the generated code."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = _small_detector(compile_loss=True)
+    assert model.criterion.compile_loss
+    counter = CompileCounterWithBackend('eager')
+    model.criterion.compile_backend = counter
+    torch._dynamo.reset()
+    try:
+        # square and not, C = 3 equal to nothing in particular, a level's W equal to another's H
+        for i, (H, W, G) in enumerate([(256, 320, 10), (320, 384, 10), (384, 384, 7), (256, 448, 12), (512, 320, 3)]):
+            out, targets, metas = _loss_case(model, H, W, G, seed=i)
+            got, got_g = _losses_and_grads(model.criterion, out, targets, metas)
+            model.criterion.compile_loss = False
+            want, want_g = _losses_and_grads(model.criterion, out, targets, metas)
+            model.criterion.compile_loss = True
+            for k in want:
+                assert torch.equal(got[k], want[k]), (H, W, G, k)
+            for a, b in zip(got_g, want_g):
+                assert torch.equal(a, b), (H, W, G)
+            assert counter.frame_count == 1, f'recompiled for {H}x{W}, {G} gt'
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_loss_with_the_embedding_term_and_inductor():
+    """Inductor's generated code gives the eager losses and head gradients (float32 rounding),
+    for a second image shape too; the extra embedding term runs eagerly on the compiled part's
+    prior targets and positives."""
+    from mmengine.config import Config
+
+    from gfl_det.models import build_detector
+    from gfl_det.structures import Targets
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'gfl_r18_synthetic_reid.py')).model.to_dict()
+    cfg['backbone'].pop('init_cfg', None)
+    cfg['fast'] = dict(cfg.get('fast') or {}, compile_loss=True)
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    assert 'embed' in dict(model.criterion.terms())
+    torch._dynamo.reset()
+    try:
+        for i, (H, W) in enumerate([(320, 384), (384, 448)]):
+            g = torch.Generator().manual_seed(i)
+            G = 6
+            xy = torch.rand(2, G, 2, generator=g) * torch.tensor([W - 96.0, H - 96.0])
+            targets = Targets(torch.cat([xy, xy + 32 + 64 * torch.rand(2, G, 2, generator=g)], -1),
+                              torch.randint(0, model.num_classes, (2, G), generator=g),
+                              torch.ones(2, G, dtype=torch.bool), torch.arange(2 * G).view(2, G) % 5)
+            metas = [dict(img_shape=(H, W), pad_shape=(H, W))] * 2
+            images = torch.randn(2, 3, H, W, generator=g)
+            got = model.criterion(model(images), targets, metas)
+            got_g = torch.autograd.grad(sum(got.values()), list(model.bbox_head.parameters()), allow_unused=True)
+            model.criterion.compile_loss = False
+            want = model.criterion(model(images), targets, metas)  # a new forward: a compiled backward frees its own
+            want_g = torch.autograd.grad(sum(want.values()), list(model.bbox_head.parameters()), allow_unused=True)
+            model.criterion.compile_loss = True
+            assert set(got) == set(want) and 'loss_embed' in got
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+            for a, b in zip(got_g, want_g):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

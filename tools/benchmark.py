@@ -55,11 +55,11 @@ def parse_args(argv=None):
                         "tools/test.py --compile); train/loss: torch.compile of backbone, neck and head. "
                         "The compilation falls in the warm-up (reported as warmup_s)")
     p.add_argument("--compile-loss", action="store_true",
-                   help="train/loss: torch.compile(model.criterion, dynamic=True) -- the criterion is captured "
-                        "as one graph (tests/test_op_counts.py), so a GPU runs it as a few fused kernels instead "
-                        "of ~500 ops. CPU (R50, 2 x 512x768, 100 gt): 16-20 s to compile per padded image shape "
-                        "(the metas' pad shapes and the level sizes are specialised; the number of gt is not), "
-                        "then 24 ms vs eager 24 ms: no gain on a CPU. Compilation falls in the warm-up")
+                   help="train/loss: model.fast.compile_loss -- the criterion's GFL terms through torch.compile, "
+                        "one compilation for every image shape (gfl_det/fast/compile_loss.py), so a GPU runs them as "
+                        "a few dozen fused kernels instead of ~500 ops. CPU (R50, 2 x 512x768, 100 gt): 13 s to "
+                        "compile, then 22 ms vs eager 24 ms; --count-kernels 27 vs 337. Compilation falls in the "
+                        "warm-up")
     p.add_argument("--no-fuse", action="store_true", help="infer: keep BN separate (default folds it into convs)")
     p.add_argument("--winograd", action="store_true",
                    help="infer: 3x3 stride-1 convs as NNPACK Winograd (CPU, batch 1; as tools/test.py --winograd)")
@@ -80,6 +80,12 @@ def parse_args(argv=None):
                         "or per inference call (forward + post-processing); --json adds ops_per_iter, view_ops_per_iter "
                         "(those only making a view: no kernel), ops_top and host_syncs (the ops among them that "
                         "make a GPU wait for the host: .item(), nonzero, ...)")
+    p.add_argument("--count-kernels", action="store_true",
+                   help="after the timed iterations, profile one more (torch.profiler) and count what it launches: "
+                        "on CUDA the kernels, memcpys and memsets the GPU ran; on the CPU the outermost aten ops and "
+                        "inductor's generated kernels -- unlike --count-ops this sees inside torch.compile'd code "
+                        "(--compile-loss: a few dozen fused kernels instead of ~500 ops); --json adds "
+                        "kernels_per_iter and kernels_top")
     p.add_argument("--sync-check", action="store_true",
                    help="CUDA: after the timed iterations, run one more training step / loss call / inference forward "
                         "(without post-processing, whose NMS needs one sync) under torch.cuda.set_sync_debug_mode"
@@ -91,6 +97,14 @@ def parse_args(argv=None):
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim",
                       "unique_consecutive"})  # and repeat_interleave without output_size (see __torch_dispatch__)
+
+
+# --count-kernels on the CPU: outermost ops that launch no kernel on a GPU, or only when they copy
+NO_KERNEL_OPS = frozenset({"empty", "empty_like", "empty_strided", "lift_fresh", "view", "_unsafe_view", "slice",
+                           "select", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "t", "transpose",
+                           "permute", "as_strided", "detach", "alias", "unbind", "split", "split_with_sizes",
+                           "chunk", "narrow", "view_as", "expand_as", "diagonal", "unfold", "_reshape_alias"})
+MAYBE_COPY_OPS = frozenset({"to", "reshape", "contiguous", "type_as"})
 
 
 class OpCounter(TorchDispatchMode):
@@ -221,6 +235,9 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if args.count_kernels and device.type == "cpu":
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True  # name inductor's CPU kernels in the profile
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         from mmengine.config import DictAction
@@ -254,7 +271,7 @@ def run(args) -> dict:
     if args.compile_loss:
         if args.task == "infer":
             raise SystemExit("error: --compile-loss is for --task train or loss")
-        model.criterion = torch.compile(model.criterion, dynamic=True)
+        model.criterion.compile_loss = True  # model.fast.compile_loss (gfl_det/fast/compile_loss.py)
     dtype = amp_dtype(args.amp, device)
 
     B, (H, W) = args.batch, args.shape
@@ -339,6 +356,8 @@ def run(args) -> dict:
         res["view_ops_per_iter"] = counter.views
         res["ops_top"] = dict(counter.counts.most_common(12))
         res["host_syncs"] = counter.host_syncs
+    if args.count_kernels:
+        res.update(count_kernels(step, device))
     if args.sync_check:
         res.update(sync_check(step if args.task != "infer" else forward, device, args.task))
     if args.task == "infer":
@@ -347,6 +366,49 @@ def run(args) -> dict:
         ow.settle()  # the guard's verdicts (stops on max_consecutive non-finite steps in a row)
         res["nonfinite_skipped"] = ow.guard.skipped
     return res
+
+
+def count_kernels(fn, device: torch.device) -> dict:
+    """Runs ``fn`` once under torch.profiler and counts the launches: on CUDA every device-side
+    event (kernels, memcpy, memset); on the CPU every aten op or inductor kernel (``cpp_fused_*``,
+    named when ``torch._inductor.config.cpp.enable_kernel_profile`` is set before compiling, as
+    ``run`` does) with no such op around it, less views and allocations -- what a GPU would
+    launch one kernel (or a few: one op may run several) for.
+    Returns ``kernels_per_iter`` and the 12 most frequent names (``kernels_top``)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(device)
+    events = prof.events()
+    if cuda:
+        launched = [e.name for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        def op(e):
+            return e.name.startswith("aten::") or "cpp_fused" in e.name
+
+        def outermost(e):
+            p = e.cpu_parent
+            while p is not None:
+                if op(p):
+                    return False
+                p = p.cpu_parent
+            return True
+
+        def copies(e):
+            return e.name == "aten::copy_" or any(copies(c) for c in e.cpu_children)
+
+        def launches(e):  # views and allocations launch nothing; .to / reshape only when they copy
+            name = e.name.removeprefix("aten::")
+            if name in NO_KERNEL_OPS:
+                return False
+            return copies(e) if name in MAYBE_COPY_OPS else True
+        launched = [e.name for e in events if op(e) and outermost(e) and launches(e)]
+    return dict(kernels_per_iter=len(launched),
+                kernels_top=dict(collections.Counter(launched).most_common(12)))
 
 
 def sync_check(fn, device: torch.device, task: str) -> dict:
@@ -396,6 +458,11 @@ def main(argv=None):
                   f"most frequent: {top}")
             syncs = ", ".join(f"{k} {v}" for k, v in res["host_syncs"].items()) or "none"
             print(f"  ops that wait for the host on a GPU: {syncs}")
+        if "kernels_per_iter" in res:
+            what = "kernels, memcpys and memsets on the GPU" if res["device"].startswith("cuda") else \
+                "outermost aten ops and inductor kernels"
+            top = ", ".join(f"{k} {v}" for k, v in res["kernels_top"].items())
+            print(f"  {res['kernels_per_iter']} {what} per iteration; most frequent: {top}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ switch                 what                                            default
 ``model.fast.``        ``fold_bn.py``: the backbone's fixed-stats BNs  off (less memory,
 ``fold_bn``            folded into their convs in training             more launches: for a
                                                                        GPU to decide)
+``model.fast.``        ``compile_loss.py``: the criterion's GFL terms  off (no gain on a CPU;
+``compile_loss``       through torch.compile, one compilation for      27 launches instead of
+                       every image shape                               337 per loss call)
 ``--fuse-conv-bn``,    ``fuse.py``: BN folded into the convs;          off (tools/test.py,
 ``--compile``          ``torch.compile`` for inference                 tools/demo.py flags)
 ``--winograd``         ``winograd.py``: NNPACK Winograd 3x3 convs for  off (flag)
@@ -19,7 +22,7 @@ switch                 what                                            default
 ``GFL_DET_MALLOC``     ``malloc.py``: keep freed CPU memory mapped     on in the tools
 =====================  ==============================================  ========================
 
-Parity tests: tests/test_fast.py (stem pool, fused QFL, fold_bn), tests/test_mmdet_parity.py (the
+Parity tests: tests/test_fast.py (stem pool, fused QFL, fold_bn, compile_loss), tests/test_mmdet_parity.py (the
 criterion with and without ``fused_qfl``, and ``fold_bn``, on MMDetection's golden files), tests/test_winograd.py,
 tests/test_models.py (BN folding, compile), tests/test_malloc.py.
 """

@@ -31,7 +31,7 @@ STD = (58.395, 57.12, 57.375)
 DEFAULT_TEST_CFG = dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.6),
                         max_per_img=100)
 # gfl_det's speed switches (gfl_det/fast/; the README's Speed section has the measurements)
-DEFAULT_FAST = dict(stem_pool=True, fused_qfl=False, fold_bn=False)
+DEFAULT_FAST = dict(stem_pool=True, fused_qfl=False, fold_bn=False, compile_loss=False)
 
 
 class GFL(nn.Module):
@@ -133,14 +133,16 @@ def build_detector(cfg: dict[str, Any], class_names: Optional[Sequence[str]] = N
 
     MMDetection's keys are accepted with the values gfl_det implements; any other ``type`` or
     option is refused naming the key (``gfl_det.config_check``). gfl_det's own keys:
-    ``channels_last`` and ``fast`` (``dict(stem_pool=True, fused_qfl=False, fold_bn=False)``, see gfl_det/fast/);
+    ``channels_last`` and ``fast`` (``dict(stem_pool=True, fused_qfl=False, fold_bn=False,
+    compile_loss=False)``, see gfl_det/fast/);
     ``bbox_head.embed`` adds the identity-embedding branch and its loss (models/embed_head.py).
     """
     cfg = check_keys('model', pop_type('model', cfg, 'GFL'), backbone=None, neck=None, bbox_head=None,
                      train_cfg=None, test_cfg=None, data_preprocessor=None, init_cfg=(None,),
                      channels_last=None, fast=None)
     fast = check_keys('model.fast', {**DEFAULT_FAST, **dict(cfg.get('fast') or {})},
-                      stem_pool=(True, False), fused_qfl=(True, False), fold_bn=(True, False))
+                      stem_pool=(True, False), fused_qfl=(True, False), fold_bn=(True, False),
+                      compile_loss=(True, False))
     backbone = _build_backbone(cfg['backbone'], fast['stem_pool'])
     if fast['fold_bn']:
         from ..fast.fold_bn import use_folded_bn
@@ -165,6 +167,7 @@ def build_detector(cfg: dict[str, Any], class_names: Optional[Sequence[str]] = N
     criterion = GFLCriterion(h['num_classes'], reg_max, strides, ag.get('octave_base_scale', 8),
                              loss_cls=h.get('loss_cls'), loss_bbox=h.get('loss_bbox'), loss_dfl=h.get('loss_dfl'),
                              bbox_coder=h.get('bbox_coder'), fused_qfl=fast['fused_qfl'],
+                             compile_loss=fast['compile_loss'],
                              extra_terms=None if embed_loss is None else {'embed': embed_loss}, **train_cfg)
     dp = check_keys('data_preprocessor', dict(cfg.get('data_preprocessor') or {}), type=('DetDataPreprocessor',),
                     mean=None, std=None, bgr_to_rgb=(True,), pad_size_divisor=None, pad_value=(0,),

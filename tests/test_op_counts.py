@@ -89,3 +89,21 @@ def test_criterion_is_captured_whole_by_torch_compile():
     for k, v in want.items():
         assert torch.allclose(got[k], v, rtol=1e-6, atol=0), k
     torch._dynamo.reset()
+
+
+def test_kernel_counter_counts_launches_not_views():
+    """--count-kernels on the CPU: the outermost ops that compute (a GPU launch each), not the
+    views, allocations or no-op conversions, and not the ops an op runs inside itself."""
+    bench = load_tool('benchmark')
+    x, w = torch.randn(4, 5), torch.ones(2, 7)
+
+    def fn():
+        y = (x + 1).view(-1)[:7].unsqueeze(0)  # add: 1; view, slice, unsqueeze: none
+        torch.empty(3)  # allocation: none
+        y.to(torch.float32)  # no copy: none
+        y.to(torch.float64)  # copies: 1
+        torch.nn.functional.linear(y, w)  # 1, whatever it runs inside
+        return y.sum()  # 1
+    got = bench.count_kernels(fn, torch.device('cpu'))
+    assert got['kernels_per_iter'] == 4, got
+    assert got['kernels_top'] == {'aten::add': 1, 'aten::to': 1, 'aten::linear': 1, 'aten::sum': 1}

@@ -3,8 +3,9 @@
 # network, no mmengine/mmdet/pycocotools there: ../shared/device/README.md). Every step writes JSON
 # lines under $OUT as it goes (a cut run keeps what it measured) and has its own timeout:
 #
-#   count     tools/benchmark.py --count-ops on CUDA: aten ops per training step, loss call and
-#             inference call (R50, 2 x 512x768)                                    -> count_ops.jsonl
+#   count     tools/benchmark.py --count-ops --count-kernels on CUDA: aten ops and the kernels the
+#             GPU ran (torch.profiler) per training step, loss call and inference call (R50,
+#             2 x 512x768); the loss and the step also with --compile-loss         -> count_ops.jsonl
 #   sync      tools/benchmark.py --sync-check: torch.cuda.set_sync_debug_mode('error') over a training
 #             step (fp32, bf16), a loss call and an inference forward              -> sync.jsonl
 #   pipeline  tools/train.py configs/gfl_r50.py --amp bfloat16 on coco128, batch 16, 14 workers,
@@ -55,8 +56,12 @@ for s in $STEPS; do
   case $s in
     count)
       for t in "loss --num-gt 100" "train --num-gt 10" "infer --num-gt 10" "infer --num-gt 10 --no-fuse"; do
-        bench count_ops.jsonl 120 --task $t --batch 2 --shape 512 768 --iters 3 --warmup 2 --count-ops
+        bench count_ops.jsonl 120 --task $t --batch 2 --shape 512 768 --iters 3 --warmup 2 --count-ops --count-kernels
         note "count $t" $?
+      done
+      for t in "loss --num-gt 100" "train --num-gt 10"; do
+        bench count_ops.jsonl 150 --task $t --batch 2 --shape 512 768 --iters 3 --warmup 3 --count-kernels --compile-loss
+        note "count $t compile-loss" $?
       done ;;
     sync)
       for t in "train" "train --amp bf16" "loss" "infer"; do
@@ -99,7 +104,7 @@ EOF
         --cfg-options model.backbone.with_cp=True
       note "switches batch 16 bf16 with_cp" $?
       for t in "loss --num-gt 100" "train --num-gt 10"; do
-        bench switches.jsonl 150 --task $t --batch 2 --shape 800 1333 --iters 10 --warmup 3 --compile-loss
+        bench switches.jsonl 150 --task $t --batch 2 --shape 800 1333 --iters 10 --warmup 3 --compile-loss --count-kernels
         note "switches $t compile-loss" $?
       done ;;
     *) echo "unknown step $s (count sync pipeline bench switches)"; exit 2 ;;

@@ -59,7 +59,7 @@ def build_test_transforms(cfg) -> gdata.Compose:
 def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
                   device: str = 'cpu', cfg_options: Optional[dict] = None,
                   fuse_conv_bn: bool = False, compile: bool = False,
-                  channels_last: bool = False, winograd: bool = False):
+                  channels_last: bool = False, winograd: bool = False, cuda_graph: bool = False):
     """Build the detector of ``config`` and load ``checkpoint`` (weights only).
 
     Args:
@@ -77,6 +77,8 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
         winograd: run the 3x3 stride-1 convs of CPU batch-1 inference as NNPACK Winograd
             (:func:`gfl_det.models.use_winograd`): fewer multiplications, float32 rounding
             ~1e-5 of the outputs instead of ~1e-7; not with ``channels_last`` or ``compile``.
+        cuda_graph: CUDA only: everything before NMS replayed as a CUDA graph, one per input
+            shape (:mod:`gfl_det.fast.cuda_graph`; implies ``fuse_conv_bn``).
 
     Returns:
         the model (a :class:`gfl_det.models.GFL`) in eval mode on ``device``, with ``.cfg``,
@@ -84,7 +86,7 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
     """
     from .checkpoint import load_weights
     from .mm import GFLDetector
-    check_inference_flags(channels_last=channels_last, compile=compile, winograd=winograd)
+    check_inference_flags(channels_last=channels_last, compile=compile, winograd=winograd, cuda_graph=cuda_graph)
     cfg = _load_config(config, cfg_options)
     model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(cfg.model)
     if model_cfg.pop('type', 'GFL') != 'GFL':
@@ -109,31 +111,49 @@ def init_detector(config: Any, checkpoint: Union[str, os.PathLike, None] = None,
     model.cfg = cfg
     model.test_transforms = build_test_transforms(cfg)
     model = model.to(device).eval()
-    optimize_for_inference(model, fuse_conv_bn=fuse_conv_bn, compile=compile, winograd=winograd)
+    optimize_for_inference(model, fuse_conv_bn=fuse_conv_bn, compile=compile, winograd=winograd,
+                           cuda_graph=cuda_graph)
     return model
 
 
-def check_inference_flags(channels_last: bool = False, compile: bool = False, winograd: bool = False) -> None:
+def check_inference_flags(channels_last: bool = False, compile: bool = False, winograd: bool = False,
+                          cuda_graph: bool = False) -> None:
     """Refuse flag combinations that would silently do nothing: NNPACK's Winograd kernels take
-    NCHW float32 tensors in eager mode, so ``winograd`` excludes ``channels_last`` and ``compile``."""
+    NCHW float32 tensors in eager mode, so ``winograd`` excludes ``channels_last`` and ``compile``;
+    ``cuda_graph`` records the eager model (a GPU's answer to launch overhead, as ``compile``'s),
+    so it excludes ``compile`` and the CPU-only ``winograd``."""
     if winograd and (channels_last or compile):
         other = '--channels-last' if channels_last else '--compile'
         raise ValueError(f'--winograd cannot be combined with {other}: the Winograd kernels take NCHW '
                          f'tensors outside torch.compile; pick one (README, Speed, compares them)')
+    if cuda_graph and (compile or winograd):
+        other = '--compile' if compile else '--winograd'
+        raise ValueError(f'--cuda-graph cannot be combined with {other}: it records the eager model\'s '
+                         f'launches on a GPU; pick one (README, Speed)')
 
 
-def optimize_for_inference(model, fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False):
-    """BN folding, ``torch.compile`` or Winograd convolutions for a loaded model, in place, for
-    inference only."""
+def optimize_for_inference(model, fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False,
+                           cuda_graph: bool = False):
+    """BN folding, ``torch.compile``, Winograd convolutions or CUDA graphs for a loaded model,
+    in place, for inference only."""
     from .fast.fuse import compile_for_inference, fuse_for_inference
     from .fast.winograd import use_winograd
-    check_inference_flags(channels_last=getattr(model, 'channels_last', False), compile=compile, winograd=winograd)
+    check_inference_flags(channels_last=getattr(model, 'channels_last', False), compile=compile, winograd=winograd,
+                          cuda_graph=cuda_graph)
+    if cuda_graph:
+        p = next(model.parameters())
+        if not p.is_cuda:
+            raise ValueError(f'--cuda-graph needs the model on a CUDA device, it is on {p.device}: run with '
+                             f'--device cuda (or drop --cuda-graph)')
     if compile:
         compile_for_inference(model)
-    elif fuse_conv_bn or winograd:
+    elif fuse_conv_bn or winograd or cuda_graph:
         fuse_for_inference(model)
     if winograd:
         use_winograd(model)
+    if cuda_graph:
+        from .fast.cuda_graph import use_cuda_graphs
+        use_cuda_graphs(model)
     return model
 
 
@@ -154,6 +174,10 @@ def add_inference_args(parser) -> None:
                         help='CPU, one image per batch: 3x3 convs as Winograd (NNPACK; implies '
                              '--fuse-conv-bn): fewer multiplications, float32 rounding ~1e-5 of the '
                              'outputs instead of ~1e-7 (see README, Speed)')
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='CUDA: record everything before NMS as a CUDA graph per input shape and '
+                             'replay it (implies --fuse-conv-bn): the same detections without the '
+                             'launch overhead of ~400 kernels per batch (see README, Speed)')
 
 
 def parse_inference_args(parser, argv=None):
@@ -161,13 +185,18 @@ def parse_inference_args(parser, argv=None):
     combinations :func:`check_inference_flags` rejects as an argparse error (message, exit 2)."""
     args = parser.parse_args(argv)
     try:
-        check_inference_flags(channels_last=args.channels_last, compile=args.compile, winograd=args.winograd)
+        check_inference_flags(channels_last=args.channels_last, compile=args.compile, winograd=args.winograd,
+                              cuda_graph=args.cuda_graph)
     except ValueError as e:
         parser.error(str(e))
+    if args.cuda_graph and (not torch.cuda.is_available() or str(getattr(args, 'device', None) or '').startswith('cpu')):
+        parser.error('--cuda-graph needs a CUDA device' + ('' if torch.cuda.is_available() else
+                                                           ' and this machine has none') + '; drop --cuda-graph')
     return args
 
 
-def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False):
+def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False,
+                                cuda_graph: bool = False):
     """An mmengine hook for tools/test.py that fuses / compiles the model once its weights are
     loaded (``before_test`` runs after the Runner has loaded ``load_from``)."""
     from mmengine.hooks import Hook
@@ -176,9 +205,10 @@ def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False
     class OptimizeForInferenceHook(Hook):
         def before_test(self, runner) -> None:
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-            optimize_for_inference(model, fuse_conv_bn, compile, winograd)
-            runner.logger.info(f'inference model: fuse_conv_bn={fuse_conv_bn or compile or winograd}, '
-                               f'compile={compile}, winograd={winograd}')
+            optimize_for_inference(model, fuse_conv_bn, compile, winograd, cuda_graph)
+            fused = fuse_conv_bn or compile or winograd or cuda_graph
+            runner.logger.info(f'inference model: fuse_conv_bn={fused}, compile={compile}, winograd={winograd}, '
+                               f'cuda_graph={cuda_graph}')
 
     return OptimizeForInferenceHook()
 

@@ -14,7 +14,7 @@ per-class NMS. Decisions can differ only for IoUs within rounding of the thresho
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torchvision
@@ -66,21 +66,53 @@ def integral(logits: Tensor) -> Tensor:
     return torch.nn.functional.linear(logits.float().softmax(-1), bins)
 
 
+class Candidates(NamedTuple):
+    """What post-processing has before NMS: static shapes (B, N), N = sum_l min(nms_pre, A_l C),
+    fixed by the batch's shape alone (what a CUDA graph needs)."""
+
+    boxes: Tensor  # (B, N, 4) decoded, clipped, rescaled
+    scores: Tensor  # (B, N) the pair's score (-1 where <= score_thr)
+    labels: Tensor  # (B, N) int64 class
+    priors: Tensor  # (B, N) int64 prior among all A, (level, y, x) order
+    keep: Tensor  # (B, N) bool: above score_thr and larger than min_bbox_size
+
+
 def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], priors: Priors, img_shapes: Tensor,
-                scale_factors: Tensor | None, *, nms_pre: int = 1000, score_thr: float = 0.05,
-                iou_threshold: float = 0.6, max_per_img: int = 100,
+                scale_factors: Sequence[Sequence[float]] | None, *, nms_pre: int = 1000,
+                score_thr: float = 0.05, iou_threshold: float = 0.6, max_per_img: int = 100,
                 min_bbox_size: float = 0.0) -> list[dict[str, Tensor]]:
-    """Detections for a batch.
+    """Detections for a batch: :func:`gfl_candidates`, then :func:`batched_class_nms`.
 
     Args:
         cls_scores / bbox_preds: head outputs per level.
         priors: the priors of the levels' maps (:func:`gfl_det.priors.make_priors`).
         img_shapes: (B, 2) (h, w) to clip to.
-        scale_factors: (B, 2) (w_scale, h_scale) to undo (None: stay in input coordinates).
+        scale_factors: per image (w_scale, h_scale) to undo, host numbers (None: stay in input
+            coordinates).
     Returns: per image {'bboxes' (k, 4), 'scores' (k,), 'labels' (k,), 'prior_idx' (k,)}, best
     first; ``prior_idx`` is each detection's prior among the A of all levels, in (level, y, x)
     order: where per-location outputs (an embedding) are read for it.
     """
+    inv_scale = None if scale_factors is None else inverse_scale(scale_factors, img_shapes.device)
+    cand = gfl_candidates(cls_scores, bbox_preds, priors, img_shapes, inv_scale, nms_pre=nms_pre,
+                          score_thr=score_thr, min_bbox_size=min_bbox_size)
+    return batched_class_nms(*cand, cls_scores[0].shape[1], iou_threshold, max_per_img)
+
+
+def inverse_scale(scale_factors: Sequence[Sequence[float]], device: torch.device | str) -> Tensor:
+    """(B, 2) float32 1 / scale_factor on ``device``, as mmdet computes it (the reciprocal in
+    double, then rounded to float32), made on the host and copied without a sync (gfl_det/host.py)."""
+    return host_tensor([[1.0 / float(f) for f in sf] for sf in scale_factors], device, torch.float32)
+
+
+def gfl_candidates(cls_scores: list[Tensor], bbox_preds: list[Tensor], priors: Priors, img_shapes: Tensor,
+                   inv_scale: Tensor | None, *, nms_pre: int = 1000, score_thr: float = 0.05,
+                   min_bbox_size: float = 0.0) -> Candidates:
+    """Everything before NMS, with shapes fixed by the batch's shape: per level the best
+    ``nms_pre`` (prior, class) pairs, decoded, clipped to ``img_shapes`` (B, 2) (h, w), multiplied
+    by ``inv_scale`` (B, 2) (1 / w_scale, 1 / h_scale; None: input pixels), and which of them
+    pass ``score_thr`` and ``min_bbox_size``. No host synchronisation, no host data: a CUDA
+    graph can replay it (gfl_det/fast/cuda_graph.py)."""
     B, C = cls_scores[0].shape[:2]
     R = bbox_preds[0].shape[1] // 4 - 1
     scores = flatten_cls(cls_scores).float().sigmoid()  # (B, A, C)
@@ -97,13 +129,12 @@ def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], priors: Prio
     dist = integral(logits) * priors.strides[prior, None]  # (B, N, 4) in input pixels
     boxes = distance2bbox(priors.points[prior], dist, img_shapes[:, None, :])  # (B, N, 4)
     scores = torch.where(top > score_thr, top, -1.0)
-    if scale_factors is not None:
+    if inv_scale is not None:
         # mmdet multiplies by the reciprocal of the scale factor (computed in double)
-        inv = (1.0 / scale_factors.double()).float().to(boxes.device)
-        boxes = boxes * torch.cat([inv, inv], 1)[:, None, :]
+        boxes = boxes * torch.cat([inv_scale, inv_scale], 1)[:, None, :]
     wh = boxes[..., 2:] - boxes[..., :2]
     keep = (scores > score_thr) & (wh > min_bbox_size).all(-1)
-    return batched_class_nms(boxes, scores, labels, prior, keep, C, iou_threshold, max_per_img)
+    return Candidates(boxes, scores, labels, prior, keep)
 
 
 def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Tensor, keep: Tensor,

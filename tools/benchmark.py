@@ -61,6 +61,9 @@ def parse_args(argv=None):
                         "compile, then 22 ms vs eager 24 ms; --count-kernels 27 vs 337. Compilation falls in the "
                         "warm-up")
     p.add_argument("--no-fuse", action="store_true", help="infer: keep BN separate (default folds it into convs)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="infer: everything before NMS replayed as a CUDA graph per input shape (as tools/test.py "
+                        "--cuda-graph; the capture falls in the warm-up)")
     p.add_argument("--winograd", action="store_true",
                    help="infer: 3x3 stride-1 convs as NNPACK Winograd (CPU, batch 1; as tools/test.py --winograd)")
     p.add_argument("--system-malloc", action="store_true",
@@ -261,9 +264,10 @@ def run(args) -> dict:
     if args.task == "infer":
         from gfl_det.apis import optimize_for_inference
         # what tools/test.py --compile / --winograd / --fuse-conv-bn and init_detector do
-        optimize_for_inference(model, fuse_conv_bn=not args.no_fuse, compile=args.compile, winograd=args.winograd)
-    elif args.winograd:
-        raise SystemExit("error: --winograd is an inference option (--task infer)")
+        optimize_for_inference(model, fuse_conv_bn=not args.no_fuse, compile=args.compile, winograd=args.winograd,
+                               cuda_graph=args.cuda_graph)
+    elif args.winograd or args.cuda_graph:
+        raise SystemExit("error: --winograd and --cuda-graph are inference options (--task infer)")
     elif args.compile:
         model.backbone = torch.compile(model.backbone)
         model.neck = torch.compile(model.neck)
@@ -342,8 +346,9 @@ def run(args) -> dict:
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
                compile=args.compile, compile_loss=args.compile_loss, fast=parse_switches(args.fast),
                cfg_options=args.cfg_options,
-               fused_bn=args.task == "infer" and (args.compile or args.winograd or not args.no_fuse),
-               winograd=args.winograd, malloc=describe(), threads=torch.get_num_threads(), torch=torch.__version__,
+               fused_bn=args.task == "infer" and (args.compile or args.winograd or args.cuda_graph or not args.no_fuse),
+               winograd=args.winograd, cuda_graph=args.cuda_graph, malloc=describe(), threads=torch.get_num_threads(),
+               torch=torch.__version__,
                iters=args.iters, warmup_s=round(warmup_s, 3), median_s=med, min_s=min(times), max_s=max(times),
                images_per_s=B / med, peak_mem_mb=round(peak_mem_mb(device), 1))
     if device.type == "cuda":
@@ -361,11 +366,32 @@ def run(args) -> dict:
     if args.sync_check:
         res.update(sync_check(step if args.task != "infer" else forward, device, args.task))
     if args.task == "infer":
-        res["num_dets"] = [len(p["bboxes"]) for p in step()]
+        got = step()
+        res["num_dets"] = [len(p["bboxes"]) for p in got]
+        if args.cuda_graph:  # the replayed graph against the eager model on the same batch
+            graphed = model.__dict__.pop("graphed_predict")
+            want = step()
+            model.__dict__["graphed_predict"] = graphed
+            res["graph_vs_eager"] = compare_detections(got, want)
+            res["graph_captures"] = graphed.captures
     if args.task == "train":
         ow.settle()  # the guard's verdicts (stops on max_consecutive non-finite steps in a row)
         res["nonfinite_skipped"] = ow.guard.skipped
     return res
+
+
+def compare_detections(got: list[dict], want: list[dict]) -> dict:
+    """Per batch: whether the numbers of detections and their labels agree, and the largest box
+    and score differences where they do."""
+    same = all(len(g["bboxes"]) == len(w["bboxes"]) and torch.equal(g["labels"], w["labels"])
+               for g, w in zip(got, want))
+    out = dict(same_labels=same)
+    if same and any(len(w["bboxes"]) for w in want):
+        out["max_box_diff"] = max(float((g["bboxes"] - w["bboxes"]).abs().max()) for g, w in zip(got, want)
+                                  if len(w["bboxes"]))
+        out["max_score_diff"] = max(float((g["scores"] - w["scores"]).abs().max()) for g, w in zip(got, want)
+                                    if len(w["bboxes"]))
+    return out
 
 
 def count_kernels(fn, device: torch.device) -> dict:
@@ -436,7 +462,10 @@ def sync_check(fn, device: torch.device, task: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    res = run(args)
+    try:
+        res = run(args)
+    except ValueError as e:  # a refused option combination (the message says which and why)
+        raise SystemExit(f"error: {e}")
     if args.json:
         print(json.dumps(res))
     else:

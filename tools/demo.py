@@ -98,7 +98,8 @@ def build_detector(args):
         cfg_options = ns.o
     model = init_detector(args.config, args.checkpoint, device=device, cfg_options=cfg_options,
                           fuse_conv_bn=args.fuse_conv_bn,
-                          compile=args.compile, channels_last=args.channels_last, winograd=args.winograd)
+                          compile=args.compile, channels_last=args.channels_last, winograd=args.winograd,
+                          cuda_graph=args.cuda_graph)
     return (lambda bgr: inference_detector(model, bgr, channel_order='bgr')), model.class_names
 
 

@@ -8,6 +8,10 @@
 #             2 x 512x768); the loss and the step also with --compile-loss         -> count_ops.jsonl
 #   sync      tools/benchmark.py --sync-check: torch.cuda.set_sync_debug_mode('error') over a training
 #             step (fp32, bf16), a loss call and an inference forward              -> sync.jsonl
+#   graph     tools/benchmark.py --task infer --cuda-graph beside eager, 1333x800, batch 1 fp32 and
+#             batch 8 fp32 / fp16 (images/s, kernels, detections graph vs eager); and, when
+#             pytest came along in .whl, tests/test_cuda_graph.py (its real CUDA capture test)
+#                                                                                  -> graph.jsonl
 #   pipeline  tools/train.py configs/gfl_r50.py --amp bfloat16 on coco128, batch 16, 14 workers,
 #             5 epochs (40 iterations): the real pipeline's images/s (loader, hooks, the guard on the
 #             device, logging), the issue's >= 200 images/s target               -> pipeline.jsonl
@@ -19,17 +23,18 @@
 #             batch 16 bf16 and batch 2 fp32; --compile-loss (the criterion through inductor) on
 #             a loss call with 100 gt and a batch-2 training step; backbone with_cp at batch 16
 #             (memory for compute)                                               -> switches.jsonl
-# About 13 minutes in all; STEPS="count sync" (any subset, in that order) runs fewer.
+# About 15 minutes in all: more than a session's device time once the machine's start-up is
+# counted, so pick with STEPS="graph sync pipeline" (any subset, in that order).
 #
 # Here, once, from the project root (both git-ignored):
-#   bash ../shared/device/prepare_wheels.sh      # .whl/: the py3.12 wheels that machine lacks
+#   bash ../shared/device/prepare_wheels.sh pytest pluggy iniconfig   # .whl/: the py3.12 wheels that machine lacks
 #   bash ../shared/device/stage_ref.sh           # .ref/: mmdet_ref, bench_mmdet_gpu.py, coco128
 # There (the run tool, carry [".whl", ".ref"], timeout 600):
 #   bash tools/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_check_out}
-STEPS=${STEPS:-count sync pipeline bench switches}
+STEPS=${STEPS:-count sync graph pipeline bench switches}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -68,6 +73,18 @@ for s in $STEPS; do
         bench sync.jsonl 120 --task $t --batch 2 --shape 800 1333 --num-gt 10 --iters 3 --warmup 2 --sync-check
         note "sync $t" $?
       done ;;
+    graph)
+      for t in "--batch 1" "--batch 8" "--batch 8 --amp fp16"; do
+        for g in "--cuda-graph" ""; do
+          bench graph.jsonl 120 --task infer $t --shape 800 1333 --num-gt 10 --iters 20 --warmup 3 --count-kernels $g
+          note "graph infer $t $g" $?
+        done
+      done
+      if $PY -c "import pytest" 2>/dev/null; then
+        timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
+          > "$OUT/pytest_gpu.log" 2>&1
+        note "graph pytest" $?
+      fi ;;
     pipeline)
       wd=/tmp/gfl_pipeline; rm -rf $wd
       ref=$PWD/.ref/coco128
@@ -107,6 +124,6 @@ EOF
         bench switches.jsonl 150 --task $t --batch 2 --shape 800 1333 --iters 10 --warmup 3 --compile-loss --count-kernels
         note "switches $t compile-loss" $?
       done ;;
-    *) echo "unknown step $s (count sync pipeline bench switches)"; exit 2 ;;
+    *) echo "unknown step $s (count sync graph pipeline bench switches)"; exit 2 ;;
   esac
 done

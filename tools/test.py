@@ -105,9 +105,10 @@ def main(argv=None) -> int:
     from gfl_det.mm import GFLRunner
     try:
         runner = GFLRunner.from_cfg(cfg)
-        if args.fuse_conv_bn or args.compile or args.winograd:
+        if args.fuse_conv_bn or args.compile or args.winograd or args.cuda_graph:
             from gfl_det.apis import optimize_for_inference_hook
-            runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile, args.winograd))
+            runner.register_hook(optimize_for_inference_hook(args.fuse_conv_bn, args.compile, args.winograd,
+                                                             args.cuda_graph))
         metrics = runner.test()
     except (DatasetError, CheckpointError) as e:  # the message names the file and the fix
         print(f'error: {e}', file=sys.stderr)

@@ -17,6 +17,8 @@ switch                 what                                            default
                        every image shape                               337 per loss call)
 ``--fuse-conv-bn``,    ``fuse.py``: BN folded into the convs;          off (tools/test.py,
 ``--compile``          ``torch.compile`` for inference                 tools/demo.py flags)
+``--cuda-graph``       ``cuda_graph.py``: everything before NMS        off (flag; CUDA only)
+                       replayed as a CUDA graph per input shape
 ``--winograd``         ``winograd.py``: NNPACK Winograd 3x3 convs for  off (flag)
                        batch-1 CPU inference
 ``GFL_DET_MALLOC``     ``malloc.py``: keep freed CPU memory mapped     on in the tools
@@ -24,5 +26,5 @@ switch                 what                                            default
 
 Parity tests: tests/test_fast.py (stem pool, fused QFL, fold_bn, compile_loss), tests/test_mmdet_parity.py (the
 criterion with and without ``fused_qfl``, and ``fold_bn``, on MMDetection's golden files), tests/test_winograd.py,
-tests/test_models.py (BN folding, compile), tests/test_malloc.py.
+tests/test_models.py (BN folding, compile), tests/test_malloc.py, tests/test_cuda_graph.py.
 """

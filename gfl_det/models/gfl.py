@@ -100,6 +100,9 @@ class GFL(nn.Module):
         else network-input pixels), ``scores``, ``labels``, ``prior_idx`` (see
         :func:`gfl_det.postprocess.gfl_predict`); with an embedding branch also ``embeddings``
         (k, D), each read at its detection's prior."""
+        graphed = self.__dict__.get('graphed_predict')  # set by gfl_det.fast.cuda_graph.use_cuda_graphs
+        if graphed is not None:
+            return graphed(x, metas, rescale)
         compiled = self.__dict__.get('compiled_features')  # set by gfl_det.fast.fuse.compile_for_inference
         return self.predict_by_feat(compiled(x) if compiled is not None else self(x), metas, rescale)
 
@@ -108,7 +111,7 @@ class GFL(nn.Module):
         dev = outputs.cls[0].device
         priors = make_priors(outputs.level_shapes, self.bbox_head.strides, device=dev)
         img_shapes = host_tensor([m['img_shape'][:2] for m in metas], dev, torch.float32)
-        sf = torch.tensor([m['scale_factor'][:2] for m in metas], dtype=torch.float64) if rescale else None
+        sf = [m['scale_factor'][:2] for m in metas] if rescale else None
         cfg = self.test_cfg
         dets = gfl_predict(outputs.cls, outputs.reg, priors, img_shapes, sf, nms_pre=cfg['nms_pre'],
                            score_thr=cfg['score_thr'], iou_threshold=cfg['nms']['iou_threshold'],

@@ -135,9 +135,15 @@ class CudaGraphPredictor:
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        # under autocast the warm-up cached the weights' half-precision copies outside the
+        # graph's memory: recorded as cache hits, a replay would read them after autocast has
+        # freed them. Emptied, the casts are recorded with the rest.
+        torch.clear_autocast_cache()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a DataLoader's pin-memory thread may touch CUDA while this one records
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode='thread_local'):
             outputs = fn()
+        torch.clear_autocast_cache()
         return graph.replay, outputs
 
     def _on_cuda(self) -> bool:

@@ -226,7 +226,9 @@ class GFLCriterion(nn.Module):
 
     def loss_sums(self, outputs: HeadOutputs, t: PriorTargets, p: Positives) -> dict[str, Tensor]:
         """Step 5: each term summed over the batch, before normalisation."""
-        if self.fused_qfl:
+        # fused_qfl's chunk loop is a CPU-cache trick sized by the maps: under compile_loss inductor
+        # fuses the readable QFL itself, and the loop would specialise the graph to the image shape
+        if self.fused_qfl and not torch.compiler.is_compiling():
             from .fast.qfl import fused_qfl_sum
             loss_cls = fused_qfl_sum(outputs.cls, t.valid, t.labels, p.quality)
         else:

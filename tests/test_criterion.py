@@ -53,12 +53,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, path: str, results):
+def _rank(rank: int, port: int, path: str, results, compile_loss: bool = False):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group('gloo', rank=rank, world_size=2)
     try:
         crit, out, targets = torch.load(path, weights_only=False)
+        crit.compile_loss, crit.compile_backend = compile_loss, 'eager'  # fast.compile_loss: the all-reduce traced
         o, t = per_image(out, targets, rank)
         losses = crit(o, t, METAS[rank:rank + 1])
         pt = crit.prior_targets(o, t, METAS[rank:rank + 1])
@@ -68,10 +69,12 @@ def _rank(rank: int, port: int, path: str, results):
         dist.destroy_process_group()
 
 
-def test_ddp_ranks_use_the_global_normalisers(tmp_path):
+@pytest.mark.parametrize('compile_loss', [False, True], ids=['eager', 'compile_loss'])
+def test_ddp_ranks_use_the_global_normalisers(tmp_path, compile_loss):
     """Rank r computes the loss of image r alone; its normalisers are the mean over the ranks
     (MMDetection's reduce_mean), so the ranks' mean loss -- what DDP's averaged gradient
-    descends -- equals the single-process loss of both images (mmdet's formula) to 1e-6."""
+    descends -- equals the single-process loss of both images (mmdet's formula) to 1e-6; also
+    with ``model.fast.compile_loss``, whose graph holds the all-reduce."""
     crit, out, targets = case()
     path = str(tmp_path / 'case.pt')
     torch.save((crit, out, targets), path)
@@ -89,7 +92,7 @@ def test_ddp_ranks_use_the_global_normalisers(tmp_path):
     assert w_mean > 1  # the clamp does not decide: the single-process and DDP losses are comparable
 
     results = mp.Manager().dict()
-    mp.spawn(_rank, args=(_free_port(), path, results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(_free_port(), path, results, compile_loss), nprocs=2, join=True)
     for r in range(2):
         losses, got = results[r]
         assert got['loss_cls'] == pytest.approx(n_mean + EPS32, rel=1e-6)

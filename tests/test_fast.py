@@ -263,13 +263,15 @@ def _losses_and_grads(criterion, out, targets, metas):
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
-def test_compile_loss_compiles_once_for_every_image_shape():
+@pytest.mark.parametrize('fused_qfl', [False, True])
+def test_compile_loss_compiles_once_for_every_image_shape(fused_qfl):
     """model.fast.compile_loss: one dynamo graph serves batches of other padded shapes and gt
     counts (no recompilation per shape: dynamo would give up after 8 and run eager), with the
-    values and gradients of the eager criterion. The eager backend checks the capture and its
-    guards without code generation; the inductor test below checks the generated code."""
+    values and gradients of the eager criterion (with fused_qfl too: compiled, the readable QFL
+    is traced instead of its shape-sized chunk loop, equal to float rounding). The eager backend checks the capture and its guards without code generation;
+    the inductor test below checks the generated code."""
     from torch._dynamo.testing import CompileCounterWithBackend
-    model = _small_detector(compile_loss=True)
+    model = _small_detector(compile_loss=True, fused_qfl=fused_qfl)
     assert model.criterion.compile_loss
     counter = CompileCounterWithBackend('eager')
     model.criterion.compile_backend = counter
@@ -283,9 +285,15 @@ def test_compile_loss_compiles_once_for_every_image_shape():
             want, want_g = _losses_and_grads(model.criterion, out, targets, metas)
             model.criterion.compile_loss = True
             for k in want:
-                assert torch.equal(got[k], want[k]), (H, W, G, k)
+                if fused_qfl:
+                    torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=0, msg=k)
+                else:
+                    assert torch.equal(got[k], want[k]), (H, W, G, k)
             for a, b in zip(got_g, want_g):
-                assert torch.equal(a, b), (H, W, G)
+                if fused_qfl:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+                else:
+                    assert torch.equal(a, b), (H, W, G)
             assert counter.frame_count == 1, f'recompiled for {H}x{W}, {G} gt'
     finally:
         torch._dynamo.reset()

@@ -21,6 +21,10 @@ marks what really varies:
   level's W_l = 80 = C, or H_l = W_l on square images) one symbol, and recompile when they
   differ later; each size gets its own symbol instead.
 
+``fused_qfl`` gives way to the readable QFL inside the graph (its chunk loop is sized by the maps
+and would pin the shape; inductor fuses the readable form itself). A distributed run's
+all-reduce of the normalisers is traced into the same graph (tests/test_criterion.py, gloo).
+
 Without these, every new padded image shape recompiled (16-20 s each on the CPU for R50's loss),
 and after 8 shapes dynamo gave up and ran eager -- a real pipeline has dozens of pad shapes.
 Parity and the one-compilation guarantee: tests/test_fast.py.

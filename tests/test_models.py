@@ -224,6 +224,21 @@ def test_compile_for_inference_same_detections_any_size():
             assert torch.allclose(r["scores"], o["scores"], atol=1e-4)
 
 
+@pytest.mark.parametrize('mode,want', [(None, {'freezing': True}),
+                                       ('reduce-overhead', {'triton.cudagraphs': True, 'freezing': True})])
+def test_compile_for_inference_mode_keeps_freezing(monkeypatch, mode, want):
+    """torch.compile refuses a mode together with options: a mode becomes its options, and
+    freezing stays on with it."""
+    from gfl_det.fast import fuse
+    seen = {}
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: seen.update(kw) or fn)
+    model = build_detector(dict(backbone=dict(depth=18, base_channels=8, init_cfg=None),
+                                neck=dict(in_channels=[8, 16, 32, 64], out_channels=16),
+                                bbox_head=dict(num_classes=2, in_channels=16, feat_channels=16, stacked_convs=1))).eval()
+    fuse.compile_for_inference(model, mode=mode)
+    assert seen == {'dynamic': True, 'options': want}
+
+
 def test_mmdet_model_zoo_checkpoint_loads_strictly_with_class_names(tmp_path):
     """A checkpoint laid out as MMDetection 3.x writes it (state_dict + meta.dataset_meta.classes,
     plus the non-tensor extras mmengine adds) loads with strict=True and weights_only=True."""

@@ -54,6 +54,9 @@ def parse_args(argv=None):
                    help="infer: compile_for_inference (BN folded, inductor freezing, dynamic shapes, as "
                         "tools/test.py --compile); train/loss: torch.compile of backbone, neck and head. "
                         "The compilation falls in the warm-up (reported as warmup_s)")
+    p.add_argument("--compile-mode", default=None,
+                   help="infer --compile: torch.compile's mode, e.g. reduce-overhead (inductor's CUDA graphs, one "
+                        "per input size) or max-autotune-no-cudagraphs (default: torch's default)")
     p.add_argument("--compile-loss", action="store_true",
                    help="train/loss: model.fast.compile_loss -- the criterion's GFL terms through torch.compile, "
                         "one compilation for every image shape (gfl_det/fast/compile_loss.py), so a GPU runs them as "
@@ -261,11 +264,17 @@ def run(args) -> dict:
     model.to(device)
     if args.channels_last:
         model.channels_last = True  # NHWC weights; preprocess gives NHWC batches
+    if args.compile_mode and not (args.compile and args.task == "infer"):
+        raise SystemExit("error: --compile-mode is for --task infer --compile")
     if args.task == "infer":
         from gfl_det.apis import optimize_for_inference
         # what tools/test.py --compile / --winograd / --fuse-conv-bn and init_detector do
-        optimize_for_inference(model, fuse_conv_bn=not args.no_fuse, compile=args.compile, winograd=args.winograd,
-                               cuda_graph=args.cuda_graph)
+        if args.compile and args.compile_mode:
+            from gfl_det.fast.fuse import compile_for_inference
+            compile_for_inference(model, mode=args.compile_mode)
+        else:
+            optimize_for_inference(model, fuse_conv_bn=not args.no_fuse, compile=args.compile,
+                                   winograd=args.winograd, cuda_graph=args.cuda_graph)
     elif args.winograd or args.cuda_graph:
         raise SystemExit("error: --winograd and --cuda-graph are inference options (--task infer)")
     elif args.compile:
@@ -344,7 +353,8 @@ def run(args) -> dict:
     med = statistics.median(times)
     res = dict(task=args.task, config=args.config, device=str(device), batch=B, shape=[H, W], num_gt=args.num_gt,
                amp=str(dtype).replace("torch.", "") if dtype else None, channels_last=args.channels_last,
-               compile=args.compile, compile_loss=args.compile_loss, fast=parse_switches(args.fast),
+               compile=args.compile, compile_mode=args.compile_mode, compile_loss=args.compile_loss,
+               fast=parse_switches(args.fast),
                cfg_options=args.cfg_options,
                fused_bn=args.task == "infer" and (args.compile or args.winograd or args.cuda_graph or not args.no_fuse),
                winograd=args.winograd, cuda_graph=args.cuda_graph, malloc=describe(), threads=torch.get_num_threads(),

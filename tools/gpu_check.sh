@@ -9,7 +9,8 @@
 #   sync      tools/benchmark.py --sync-check: torch.cuda.set_sync_debug_mode('error') over a training
 #             step (fp32, bf16), a loss call and an inference forward              -> sync.jsonl
 #   graph     tools/benchmark.py --task infer --cuda-graph beside eager, 1333x800, batch 1 fp32 and
-#             batch 8 fp32 / fp16 (images/s, kernels, detections graph vs eager); and, when
+#             batch 8 fp32 / fp16 (images/s, kernels, detections graph vs eager); --compile with
+#             torch's default mode and with reduce-overhead (inductor's CUDA graphs); and, when
 #             pytest came along in .whl, tests/test_cuda_graph.py (its real CUDA capture test)
 #                                                                                  -> graph.jsonl
 #   pipeline  tools/train.py configs/gfl_r50.py --amp bfloat16 on coco128, batch 16, 14 workers,
@@ -79,6 +80,10 @@ for s in $STEPS; do
           bench graph.jsonl 120 --task infer $t --shape 800 1333 --num-gt 10 --iters 20 --warmup 3 --count-kernels $g
           note "graph infer $t $g" $?
         done
+      done
+      for m in "" "--compile-mode reduce-overhead"; do  # the compiled rows: compile time in warmup_s
+        bench graph.jsonl 240 --task infer --batch 1 --shape 800 1333 --num-gt 10 --iters 20 --warmup 3 --compile $m
+        note "graph infer --batch 1 --compile $m" $?
       done
       if $PY -c "import pytest" 2>/dev/null; then
         timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \

@@ -53,7 +53,7 @@ class _Features(nn.Module):
         return self.bbox_head(self.neck(self.backbone(x)))
 
 
-def compile_for_inference(model: nn.Module, dynamic: bool = True) -> nn.Module:
+def compile_for_inference(model: nn.Module, dynamic: bool = True, mode: str | None = None) -> nn.Module:
     """BN folding, then ``torch.compile`` of backbone + neck + head with inductor's freezing
     (weights become constants: convolution weights are pre-packed for the CPU's oneDNN kernels,
     elementwise ops fused), in place; ``model.predict`` uses it from then on.
@@ -63,10 +63,17 @@ def compile_for_inference(model: nn.Module, dynamic: bool = True) -> nn.Module:
     weights and ``.to(device)``; the compiled graph holds the weights as they are then, so do not
     train or load other weights into the model afterwards. Needs a C++ compiler on CPU (Triton
     on GPU), as any ``torch.compile``.
+
+    ``mode``: torch.compile's (None: its default). On a GPU ``'reduce-overhead'`` adds inductor's
+    CUDA graphs, recorded per input size under ``dynamic`` (the compiled counterpart of
+    ``--cuda-graph``); which pays is for ``tools/gpu_check.sh`` to measure (step ``graph``).
     """
+    from torch._inductor import list_mode_options
     fuse_for_inference(model)
     feats = _Features(model.backbone, model.neck, model.bbox_head)
-    compiled = torch.compile(feats, dynamic=dynamic, options={"freezing": True})
+    # torch.compile takes a mode or options, not both: the mode's options, plus freezing
+    options = {**(list_mode_options(mode, dynamic) if mode else {}), "freezing": True}
+    compiled = torch.compile(feats, dynamic=dynamic, options=options)
     # a plain attribute, not a submodule: the state dict keeps exactly the model's keys
     object.__setattr__(model, "compiled_features", compiled)
     return model

@@ -233,8 +233,8 @@ def test_compile_for_inference_mode_keeps_freezing(monkeypatch, mode, want):
     seen = {}
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: seen.update(kw) or fn)
     model = build_detector(dict(backbone=dict(depth=18, base_channels=8, init_cfg=None),
-                                neck=dict(in_channels=[8, 16, 32, 64], out_channels=16),
-                                bbox_head=dict(num_classes=2, in_channels=16, feat_channels=16, stacked_convs=1))).eval()
+                                neck=dict(in_channels=[8, 16, 32, 64], out_channels=32),
+                                bbox_head=dict(num_classes=2, in_channels=32, feat_channels=32, stacked_convs=1))).eval()
     fuse.compile_for_inference(model, mode=mode)
     assert seen == {'dynamic': True, 'options': want}
 

@@ -125,6 +125,12 @@ EOF
       bench switches.jsonl 90 --task train --batch 16 --amp bf16 --shape 800 1333 --num-gt 10 --iters 10 --warmup 3 \
         --cfg-options model.backbone.with_cp=True
       note "switches batch 16 bf16 with_cp" $?
+      # backbone + FPN + head through torch.compile in training (frozen BNs and the elementwise work
+      # between convs fused): on the CPU inductor's conv-backward lowering specialises on the level
+      # sizes (a compilation per shape family), so no train.py switch until a GPU shows it pays
+      bench switches.jsonl 300 --task train --batch 16 --amp bf16 --shape 800 1333 --num-gt 10 --iters 10 --warmup 3 \
+        --compile --count-kernels
+      note "switches batch 16 bf16 compile" $?
       for t in "loss --num-gt 100" "train --num-gt 10"; do
         bench switches.jsonl 150 --task $t --batch 2 --shape 800 1333 --iters 10 --warmup 3 --compile-loss --count-kernels
         note "switches $t compile-loss" $?

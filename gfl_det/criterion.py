@@ -164,7 +164,8 @@ class GFLCriterion(nn.Module):
         with torch.autocast(device_type=outputs.cls[0].device.type, enabled=False):
             if self.compile_loss:
                 from .fast.compile_loss import compiled_gfl_losses
-                losses, t, p = compiled_gfl_losses(self.compile_backend)(self, outputs, targets, metas)
+                losses, t, p = compiled_gfl_losses(type(self).gfl_losses, self.compile_backend)(
+                    self, outputs, targets, metas)
             else:
                 losses, t, p = self.gfl_losses(outputs, targets, metas)
             for name, term in self.terms():

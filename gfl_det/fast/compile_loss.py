@@ -40,7 +40,7 @@ from ..structures import HeadOutputs, Targets
 
 __all__ = ['compiled_gfl_losses', 'mark_shapes']
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[tuple, Callable] = {}
 
 
 def mark_shapes(outputs: HeadOutputs, targets: Targets) -> None:
@@ -62,18 +62,19 @@ def _no_duck_sizing():
     return _config.patch(use_duck_shape=False)
 
 
-def compiled_gfl_losses(backend: str = 'inductor') -> Callable:
-    """``fn(criterion, outputs, targets, metas)`` = ``criterion.gfl_losses(outputs, targets, metas)``
-    through ``torch.compile(dynamic=True, backend=backend)``; one compiled function per backend
-    for the process (dynamo's cache is per code object anyway)."""
-    fn = _COMPILED.get(backend)
+def compiled_gfl_losses(gfl_losses: Callable, backend: str = 'inductor') -> Callable:
+    """``fn(criterion, outputs, targets, metas)`` = ``gfl_losses(criterion, outputs, targets, metas)``
+    (the unbound :meth:`GFLCriterion.gfl_losses`) through ``torch.compile(dynamic=True,
+    backend=backend)``; one compiled function per (method, backend) for the process (dynamo's
+    cache is per code object anyway)."""
+    key = (gfl_losses, backend)
+    fn = _COMPILED.get(key)
     if fn is None:
-        from ..criterion import GFLCriterion
-        compiled = torch.compile(GFLCriterion.gfl_losses, dynamic=True, backend=backend)
+        compiled = torch.compile(gfl_losses, dynamic=True, backend=backend)
 
         def fn(criterion, outputs: HeadOutputs, targets: Targets, metas: Sequence[dict]):
             mark_shapes(outputs, targets)
             with _no_duck_sizing():
                 return compiled(criterion, outputs, targets, metas)
-        fn = _COMPILED[backend] = fn
+        fn = _COMPILED[key] = fn
     return fn

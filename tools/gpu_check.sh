@@ -125,6 +125,9 @@ EOF
       bench switches.jsonl 90 --task train --batch 16 --amp bf16 --shape 800 1333 --num-gt 10 --iters 10 --warmup 3 \
         --cfg-options model.backbone.with_cp=True
       note "switches batch 16 bf16 with_cp" $?
+      bench switches.jsonl 90 --task train --batch 16 --amp bf16 --shape 800 1333 --num-gt 10 --iters 10 --warmup 3 \
+        --cfg-options model.backbone.with_cp=True --fast fold_bn=true
+      note "switches batch 16 bf16 with_cp fold_bn" $?
       # backbone + FPN + head through torch.compile in training (frozen BNs and the elementwise work
       # between convs fused): on the CPU inductor's conv-backward lowering specialises on the level
       # sizes (a compilation per shape family), so no train.py switch until a GPU shows it pays

@@ -189,9 +189,10 @@ def parse_inference_args(parser, argv=None):
                               cuda_graph=args.cuda_graph)
     except ValueError as e:
         parser.error(str(e))
-    if args.cuda_graph and (not torch.cuda.is_available() or str(getattr(args, 'device', None) or '').startswith('cpu')):
-        parser.error('--cuda-graph needs a CUDA device' + ('' if torch.cuda.is_available() else
-                                                           ' and this machine has none') + '; drop --cuda-graph')
+    on_cpu = str(getattr(args, 'device', None) or '').startswith('cpu')
+    if args.cuda_graph and (on_cpu or not torch.cuda.is_available()):
+        where = '' if torch.cuda.is_available() else ' and this machine has none'
+        parser.error(f'--cuda-graph needs a CUDA device{where}; drop --cuda-graph')
     return args
 
 

@@ -10,9 +10,9 @@ The graph (``tools/export_onnx.py`` writes it):
   of a batch share one (H, W).
 * **inside**: BGR -> RGB, ``(x - mean) / std`` with the model's mean/std, zero padding of the
   normalised image to a multiple of 32 (as ``GFL.preprocess`` + ``collate``), backbone, FPN,
-  head, then exactly :func:`gfl_det.postprocess.gfl_predict` without the rescale: per level the
-  best ``nms_pre`` (prior, class) pairs, the integral decode to xyxy boxes in input pixels,
-  clipped to (H, W), score > ``score_thr`` and width/height > ``min_bbox_size``; with
+  head, then exactly :func:`gfl_det.postprocess.gfl_candidates` + ``batched_class_nms`` without
+  the rescale: per level the best ``nms_pre`` (prior, class) pairs, the integral decode to xyxy
+  boxes in input pixels, clipped to (H, W), score > ``score_thr`` and width/height > ``min_bbox_size``; with
   ``with_nms`` also class-aware NMS (ONNX ``NonMaxSuppression`` with the class dimension: exact
   per-class NMS, no coordinate offsets) and the best ``max_per_img`` per image.
 * **outputs** (N = detections of the whole batch): ``boxes`` float32 (N, 4) xyxy in input pixels,
@@ -26,7 +26,7 @@ The graph (``tools/export_onnx.py`` writes it):
 * opset 17; ``onnx.checker``-checked; simplified with onnxslim when it is installed. The file's
   metadata ``gfl_det`` (JSON) holds class names, the resize scale, thresholds and layout.
 
-Deviation from ``gfl_predict``: ``min_bbox_size`` is compared in input pixels (mmdet: after the
+Deviation from ``gfl_candidates``: ``min_bbox_size`` is compared in input pixels (mmdet: after the
 rescale to the original image); the default 0 gives the same result either way.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ class GFLExportGraph(nn.Module):
             B, w = _dim(cls, 0), _dim(cls, 3)
             scores = cls.float().permute(0, 2, 3, 1).reshape(B, -1).sigmoid()  # (B, A_l * C)
             k = torch.clamp(_dim(scores, 1), max=self.nms_pre)
-            top, ti = scores.topk(k, dim=1)  # (B, k) best first, as gfl_predict
+            top, ti = scores.topk(k, dim=1)  # (B, k) best first, as gfl_candidates
             prior, labels = ti // C, ti % C
             reg = reg.float().permute(0, 2, 3, 1).reshape(B, -1, 4, R + 1)
             logits = reg.gather(1, prior[..., None, None].expand(-1, -1, 4, R + 1))  # (B, k, 4, R+1)
@@ -303,7 +303,7 @@ def resize_like_graph(image: np.ndarray, meta: dict) -> tuple[np.ndarray, tuple[
 
 
 def rescale_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
-    """Input-pixel boxes -> original-image pixels, as gfl_predict (multiply by 1 / scale)."""
+    """Input-pixel boxes -> original-image pixels, as gfl_candidates (multiply by 1 / scale)."""
     inv = (1.0 / np.asarray(scale, np.float64)).astype(np.float32)
     return boxes.astype(np.float32) * np.concatenate([inv, inv])
 

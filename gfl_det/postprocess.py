@@ -1,4 +1,5 @@
-"""Inference post-processing: per-level top-k, integral decode, clip, rescale, class-aware NMS.
+"""Inference post-processing: per-level top-k, integral decode, clip, rescale
+(:func:`gfl_candidates`), then class-aware NMS (:func:`batched_class_nms`).
 
 Legend: B images, A_l priors of level l, A = sum A_l, C classes, R = reg_max, N candidates.
 Batched over images; no host synchronisation until the single NMS call of the batch.
@@ -77,28 +78,6 @@ class Candidates(NamedTuple):
     keep: Tensor  # (B, N) bool: above score_thr and larger than min_bbox_size
 
 
-def gfl_predict(cls_scores: list[Tensor], bbox_preds: list[Tensor], priors: Priors, img_shapes: Tensor,
-                scale_factors: Sequence[Sequence[float]] | None, *, nms_pre: int = 1000,
-                score_thr: float = 0.05, iou_threshold: float = 0.6, max_per_img: int = 100,
-                min_bbox_size: float = 0.0) -> list[dict[str, Tensor]]:
-    """Detections for a batch: :func:`gfl_candidates`, then :func:`batched_class_nms`.
-
-    Args:
-        cls_scores / bbox_preds: head outputs per level.
-        priors: the priors of the levels' maps (:func:`gfl_det.priors.make_priors`).
-        img_shapes: (B, 2) (h, w) to clip to.
-        scale_factors: per image (w_scale, h_scale) to undo, host numbers (None: stay in input
-            coordinates).
-    Returns: per image {'bboxes' (k, 4), 'scores' (k,), 'labels' (k,), 'prior_idx' (k,)}, best
-    first; ``prior_idx`` is each detection's prior among the A of all levels, in (level, y, x)
-    order: where per-location outputs (an embedding) are read for it.
-    """
-    inv_scale = None if scale_factors is None else inverse_scale(scale_factors, img_shapes.device)
-    cand = gfl_candidates(cls_scores, bbox_preds, priors, img_shapes, inv_scale, nms_pre=nms_pre,
-                          score_thr=score_thr, min_bbox_size=min_bbox_size)
-    return batched_class_nms(*cand, cls_scores[0].shape[1], iou_threshold, max_per_img)
-
-
 def inverse_scale(scale_factors: Sequence[Sequence[float]], device: torch.device | str) -> Tensor:
     """(B, 2) float32 1 / scale_factor on ``device``, as mmdet computes it (the reciprocal in
     double, then rounded to float32), made on the host and copied without a sync (gfl_det/host.py)."""
@@ -140,7 +119,11 @@ def gfl_candidates(cls_scores: list[Tensor], bbox_preds: list[Tensor], priors: P
 def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, priors: Tensor, keep: Tensor,
                       num_classes: int, iou_threshold: float, max_per_img: int) -> list[dict[str, Tensor]]:
     """One NMS call for the whole batch: per (image, class) groups via an exact float64 offset.
-    boxes (B, N, 4), scores / labels / priors / keep (B, N)."""
+    boxes (B, N, 4), scores / labels / priors / keep (B, N) (:class:`Candidates`).
+
+    Returns per image {'bboxes' (k, 4), 'scores' (k,), 'labels' (k,), 'prior_idx' (k,)}, best
+    first, at most ``max_per_img``; ``prior_idx`` is each detection's prior among the A of all
+    levels, in (level, y, x) order: where per-location outputs (an embedding) are read for it."""
     B, N = scores.shape
     sel = keep.flatten().nonzero().squeeze(1)  # host read 1 of 3 (then the max_per_img cut, the counts)
     b, s, l, p = boxes.reshape(-1, 4)[sel], scores.flatten()[sel], labels.flatten()[sel], priors.flatten()[sel]

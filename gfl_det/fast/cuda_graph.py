@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from ..host import host_tensor
-from ..postprocess import Candidates, batched_class_nms, gfl_candidates, inverse_scale
-from ..priors import make_priors
+from ..postprocess import Candidates, inverse_scale
 
 __all__ = ['CudaGraphPredictor', 'static_detect', 'use_cuda_graphs']
 
@@ -49,11 +48,7 @@ def static_detect(model, x: Tensor, img_shapes: Tensor, inv_scale: Tensor) -> St
     and ``inv_scale`` (B, 2) float32 on the device -> the candidates before NMS (and the
     embedding maps). Shapes depend on (B, H, W) only; no host synchronisation."""
     out = model(x)
-    priors = make_priors(out.level_shapes, model.bbox_head.strides, device=x.device)  # cached per shape
-    cfg = model.test_cfg
-    cand = gfl_candidates(out.cls, out.reg, priors, img_shapes, inv_scale, nms_pre=cfg['nms_pre'],
-                          score_thr=cfg['score_thr'], min_bbox_size=cfg['min_bbox_size'])
-    return StaticOutputs(cand, out.embed)
+    return StaticOutputs(model.candidates(out, img_shapes, inv_scale), out.embed)  # priors: cached per shape
 
 
 class _Graph:
@@ -98,14 +93,7 @@ class CudaGraphPredictor:
         if rescale:
             g.inv_scale.copy_(inverse_scale([m['scale_factor'][:2] for m in metas], x.device))
         g.replay()
-        cand, embed = g.outputs
-        model = self.model
-        dets = batched_class_nms(*cand, model.num_classes, model.test_cfg['nms']['iou_threshold'],
-                                 model.test_cfg['max_per_img'])
-        if embed is not None:
-            from ..models.embed_head import attach_embeddings
-            dets = attach_embeddings(dets, embed, model.bbox_head.embed)
-        return dets
+        return self.model.detections(*g.outputs)  # NMS (data-sized) and embedding rows, eagerly
 
     def _record(self, x: Tensor, rescale: bool) -> _Graph:
         B = x.shape[0]

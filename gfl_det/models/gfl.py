@@ -18,7 +18,7 @@ from torch import Tensor
 from ..config_check import check_keys, pop_type
 from ..criterion import GFLCriterion
 from ..host import host_tensor
-from ..postprocess import gfl_predict
+from ..postprocess import Candidates, batched_class_nms, gfl_candidates, inverse_scale
 from ..priors import make_priors
 from ..structures import HeadOutputs, Targets
 from .backbone import ResNet
@@ -98,7 +98,7 @@ class GFL(nn.Module):
     def predict(self, x: Tensor, metas: Sequence[dict], rescale: bool = True) -> list[dict[str, Tensor]]:
         """Detections per image: ``bboxes`` (k, 4) xyxy (original-image pixels when ``rescale``,
         else network-input pixels), ``scores``, ``labels``, ``prior_idx`` (see
-        :func:`gfl_det.postprocess.gfl_predict`); with an embedding branch also ``embeddings``
+        :func:`gfl_det.postprocess.batched_class_nms`); with an embedding branch also ``embeddings``
         (k, D), each read at its detection's prior."""
         graphed = self.__dict__.get('graphed_predict')  # set by gfl_det.fast.cuda_graph.use_cuda_graphs
         if graphed is not None:
@@ -109,14 +109,25 @@ class GFL(nn.Module):
     def predict_by_feat(self, outputs: HeadOutputs, metas: Sequence[dict],
                         rescale: bool = True) -> list[dict[str, Tensor]]:
         dev = outputs.cls[0].device
-        priors = make_priors(outputs.level_shapes, self.bbox_head.strides, device=dev)
         img_shapes = host_tensor([m['img_shape'][:2] for m in metas], dev, torch.float32)
-        sf = [m['scale_factor'][:2] for m in metas] if rescale else None
+        inv_scale = inverse_scale([m['scale_factor'][:2] for m in metas], dev) if rescale else None
+        return self.detections(self.candidates(outputs, img_shapes, inv_scale), outputs.embed)
+
+    def candidates(self, outputs: HeadOutputs, img_shapes: Tensor, inv_scale: Optional[Tensor]) -> Candidates:
+        """Post-processing before NMS, with this model's ``test_cfg`` (static shapes:
+        :func:`gfl_det.postprocess.gfl_candidates`); ``img_shapes`` (B, 2) h, w and ``inv_scale``
+        (B, 2) 1 / scale factor (None: input pixels) on the device."""
+        priors = make_priors(outputs.level_shapes, self.bbox_head.strides, device=outputs.cls[0].device)
         cfg = self.test_cfg
-        dets = gfl_predict(outputs.cls, outputs.reg, priors, img_shapes, sf, nms_pre=cfg['nms_pre'],
-                           score_thr=cfg['score_thr'], iou_threshold=cfg['nms']['iou_threshold'],
-                           max_per_img=cfg['max_per_img'], min_bbox_size=cfg['min_bbox_size'])
-        return dets if outputs.embed is None else attach_embeddings(dets, outputs.embed, self.bbox_head.embed)
+        return gfl_candidates(outputs.cls, outputs.reg, priors, img_shapes, inv_scale, nms_pre=cfg['nms_pre'],
+                              score_thr=cfg['score_thr'], min_bbox_size=cfg['min_bbox_size'])
+
+    def detections(self, cand: Candidates, embed: Optional[list[Tensor]]) -> list[dict[str, Tensor]]:
+        """Candidates -> per-image detections: class-aware NMS and ``max_per_img`` (``test_cfg``),
+        and with an embedding branch each detection's embedding read from its maps ``embed``."""
+        cfg = self.test_cfg
+        dets = batched_class_nms(*cand, self.num_classes, cfg['nms']['iou_threshold'], cfg['max_per_img'])
+        return dets if embed is None else attach_embeddings(dets, embed, self.bbox_head.embed)
 
 
 def check_test_cfg(test_cfg: Optional[dict]) -> dict:

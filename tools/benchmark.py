@@ -105,12 +105,16 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_se
                       "unique_consecutive"})  # and repeat_interleave without output_size (see __torch_dispatch__)
 
 
-# --count-kernels on the CPU: outermost ops that launch no kernel on a GPU, or only when they copy
-NO_KERNEL_OPS = frozenset({"empty", "empty_like", "empty_strided", "lift_fresh", "view", "_unsafe_view", "slice",
-                           "select", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "t", "transpose",
-                           "permute", "as_strided", "detach", "alias", "unbind", "split", "split_with_sizes",
-                           "chunk", "narrow", "view_as", "expand_as", "diagonal", "unfold", "_reshape_alias"})
+# --count-kernels on the CPU: outermost ops that launch no kernel on a GPU (besides views: those
+# aten marks is_view, as OpCounter counts them), or only when they copy
+ALLOCATION_OPS = frozenset({"empty", "empty_like", "empty_strided", "_unsafe_view"})
 MAYBE_COPY_OPS = frozenset({"to", "reshape", "contiguous", "type_as"})
+
+
+def is_view_op(name: str) -> bool:
+    """aten op ``name`` (without the namespace) returns a view of its input, in some overload."""
+    packet = getattr(torch.ops.aten, name, None)
+    return packet is not None and any(getattr(packet, o).is_view for o in packet.overloads())
 
 
 class OpCounter(TorchDispatchMode):
@@ -439,9 +443,9 @@ def count_kernels(fn, device: torch.device) -> dict:
 
         def launches(e):  # views and allocations launch nothing; .to / reshape only when they copy
             name = e.name.removeprefix("aten::")
-            if name in NO_KERNEL_OPS:
-                return False
-            return copies(e) if name in MAYBE_COPY_OPS else True
+            if name in MAYBE_COPY_OPS:
+                return copies(e)
+            return not (name in ALLOCATION_OPS or is_view_op(name))
         launched = [e.name for e in events if op(e) and outermost(e) and launches(e)]
     return dict(kernels_per_iter=len(launched),
                 kernels_top=dict(collections.Counter(launched).most_common(12)))

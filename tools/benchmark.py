@@ -61,7 +61,7 @@ def parse_args(argv=None):
                    help="train/loss: model.fast.compile_loss -- the criterion's GFL terms through torch.compile, "
                         "one compilation for every image shape (gfl_det/fast/compile_loss.py), so a GPU runs them as "
                         "a few dozen fused kernels instead of ~500 ops. CPU (R50, 2 x 512x768, 100 gt): 13 s to "
-                        "compile, then 22 ms vs eager 24 ms; --count-kernels 27 vs 337. Compilation falls in the "
+                        "compile, then 22-24 ms per call as eager; --count-kernels 27 vs 337. Compilation falls in the "
                         "warm-up")
     p.add_argument("--no-fuse", action="store_true", help="infer: keep BN separate (default folds it into convs)")
     p.add_argument("--cuda-graph", action="store_true",

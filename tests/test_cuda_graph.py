@@ -86,9 +86,8 @@ def test_recorded_part_has_no_host_sync_and_no_host_data():
 @pytest.mark.parametrize('embed', [False, True])
 def test_replayed_graphs_give_the_eager_detections(embed):
     m = _model(embed)
-    pred = CudaGraphPredictor(m, max_graphs=2, capture=eager_capture)
-    # three shapes with two kept: the third evicts the first, which is recorded again
-    cases = [(1, 128, 160), (2, 128, 160), (1, 96, 192), (1, 128, 160), (1, 128, 160)]
+    pred = CudaGraphPredictor(m, record_after=1, capture=eager_capture)
+    cases = [(1, 128, 160), (2, 128, 160), (1, 96, 192), (1, 128, 160), (2, 128, 160)]
     for i, (B, H, W) in enumerate(cases):
         x, metas = _batch(B, H, W, seed=i)
         for rescale in (True, False):
@@ -96,9 +95,25 @@ def test_replayed_graphs_give_the_eager_detections(embed):
             want = m.predict(x, metas, rescale=rescale)  # no graphed_predict on m: the eager path
             assert sum(len(d['bboxes']) for d in want) > 0
             _assert_same(got, want)
-    # (B, H, W, rescale): 1x128x160 x2, 2x128x160 x2, 1x96x192 x2 (evicts the first two), then
-    # 1x128x160 x2 again
-    assert pred.captures == 8 and len(pred.graphs) == 2
+    # (B, H, W, rescale): 1x128x160, 2x128x160, 1x96x192, each with and without rescale, recorded
+    # once; the last two batches replay theirs with new images and metas
+    assert pred.captures == 6 and pred.eager_calls == 0
+
+
+def test_shapes_recorded_from_their_second_call_up_to_max_graphs():
+    """A shape seen once runs eagerly; the second call records it; once max_graphs shapes have
+    graphs, new shapes run eagerly (no graph is dropped and recorded again). Always the eager
+    detections."""
+    m = _model()
+    pred = CudaGraphPredictor(m, max_graphs=2, capture=eager_capture)
+    shapes = [(96, 160), (96, 160), (96, 160), (128, 160), (128, 160), (96, 192), (96, 192), (96, 192), (96, 160)]
+    for i, (H, W) in enumerate(shapes):
+        x, metas = _batch(1, H, W, seed=i)
+        _assert_same(pred(x, metas), m.predict(x, metas))
+    # 96x160: eager, record, replay; 128x160: eager, record; 96x192: eager x3 (two graphs already);
+    # 96x160 again: replay
+    assert pred.captures == 2 and pred.eager_calls == 5
+    assert set(k[1:3] for k in pred.graphs) == {(96, 160), (128, 160)}
 
 
 def test_cuda_graph_refusals():
@@ -118,7 +133,7 @@ def test_cuda_graph_refusals():
 def test_cuda_graph_on_the_gpu():
     m = _model(embed=True).cuda()
     pred = optimize_for_inference(m, cuda_graph=True).__dict__['graphed_predict']
-    for i, (B, H, W) in enumerate([(1, 128, 160), (2, 96, 192), (1, 128, 160)]):
+    for i, (B, H, W) in enumerate([(1, 128, 160), (1, 128, 160), (2, 96, 192), (2, 96, 192), (1, 128, 160)]):
         x, metas = _batch(B, H, W, seed=i)
         got = m.predict(x.cuda(), metas)
         del m.__dict__['graphed_predict']  # the eager path
@@ -127,7 +142,7 @@ def test_cuda_graph_on_the_gpu():
         for g, w in zip(got, ref):
             assert torch.equal(g['labels'], w['labels'])
             torch.testing.assert_close(g['bboxes'], w['bboxes'], rtol=0, atol=1e-3)
-    assert pred.captures == 2
+    assert pred.captures == 2 and pred.eager_calls == 2  # each shape recorded at its second call
 
 
 def test_cuda_graph_flag_refused_on_a_cpu_device():

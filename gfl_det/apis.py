@@ -211,6 +211,14 @@ def optimize_for_inference_hook(fuse_conv_bn: bool = True, compile: bool = False
             runner.logger.info(f'inference model: fuse_conv_bn={fused}, compile={compile}, winograd={winograd}, '
                                f'cuda_graph={cuda_graph}')
 
+        def after_test(self, runner) -> None:
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            graphed = model.__dict__.get('graphed_predict')
+            if graphed is not None:
+                runner.logger.info(f'--cuda-graph: {graphed.captures} input shapes recorded as CUDA graphs, '
+                                   f'{graphed.eager_calls} batches run eagerly (shapes seen once, or past '
+                                   f'{graphed.max_graphs} graphs)')
+
     return OptimizeForInferenceHook()
 
 

@@ -24,8 +24,10 @@
 #             batch 16 bf16 and batch 2 fp32; --compile-loss (the criterion through inductor) on
 #             a loss call with 100 gt and a batch-2 training step; backbone with_cp at batch 16
 #             (memory for compute)                                               -> switches.jsonl
-# About 15 minutes in all: more than a session's device time once the machine's start-up is
-# counted, so pick with STEPS="graph sync pipeline" (any subset, in that order).
+# About 22 minutes in all (typical; each run has its own timeout): more than one session's
+# 15 minutes of device time with the machine's start-up, so split it, e.g. a first session
+# STEPS="sync graph pipeline" (~11 min: the sync, inference and pipeline targets), a
+# next one STEPS="count bench switches" (any subset runs in this file's order).
 #
 # Here, once, from the project root (both git-ignored):
 #   bash ../shared/device/prepare_wheels.sh pytest pluggy iniconfig   # .whl/: the py3.12 wheels that machine lacks

@@ -27,7 +27,7 @@
 # About 22 minutes in all (typical; each run has its own timeout): more than one session's
 # 15 minutes of device time with the machine's start-up, so split it, e.g. a first session
 # STEPS="sync graph pipeline" (~11 min: the sync, inference and pipeline targets), a
-# next one STEPS="count bench switches" (any subset runs in this file's order).
+# next one STEPS="count bench switches" (steps run in the order given).
 #
 # Here, once, from the project root (both git-ignored):
 #   bash ../shared/device/prepare_wheels.sh pytest pluggy iniconfig   # .whl/: the py3.12 wheels that machine lacks

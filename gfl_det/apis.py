@@ -133,9 +133,9 @@ def check_inference_flags(channels_last: bool = False, compile: bool = False, wi
 
 
 def optimize_for_inference(model, fuse_conv_bn: bool = True, compile: bool = False, winograd: bool = False,
-                           cuda_graph: bool = False):
-    """BN folding, ``torch.compile``, Winograd convolutions or CUDA graphs for a loaded model,
-    in place, for inference only."""
+                           cuda_graph: bool = False, compile_mode: Optional[str] = None):
+    """BN folding, ``torch.compile`` (in ``compile_mode``, torch's default when None), Winograd
+    convolutions or CUDA graphs for a loaded model, in place, for inference only."""
     from .fast.fuse import compile_for_inference, fuse_for_inference
     from .fast.winograd import use_winograd
     check_inference_flags(channels_last=getattr(model, 'channels_last', False), compile=compile, winograd=winograd,
@@ -146,7 +146,7 @@ def optimize_for_inference(model, fuse_conv_bn: bool = True, compile: bool = Fal
             raise ValueError(f'--cuda-graph needs the model on a CUDA device, it is on {p.device}: run with '
                              f'--device cuda (or drop --cuda-graph)')
     if compile:
-        compile_for_inference(model)
+        compile_for_inference(model, mode=compile_mode)
     elif fuse_conv_bn or winograd or cuda_graph:
         fuse_for_inference(model)
     if winograd:

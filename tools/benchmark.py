@@ -273,12 +273,8 @@ def run(args) -> dict:
     if args.task == "infer":
         from gfl_det.apis import optimize_for_inference
         # what tools/test.py --compile / --winograd / --fuse-conv-bn and init_detector do
-        if args.compile and args.compile_mode:
-            from gfl_det.fast.fuse import compile_for_inference
-            compile_for_inference(model, mode=args.compile_mode)
-        else:
-            optimize_for_inference(model, fuse_conv_bn=not args.no_fuse, compile=args.compile,
-                                   winograd=args.winograd, cuda_graph=args.cuda_graph)
+        optimize_for_inference(model, fuse_conv_bn=not args.no_fuse, compile=args.compile, winograd=args.winograd,
+                               cuda_graph=args.cuda_graph, compile_mode=args.compile_mode)
     elif args.winograd or args.cuda_graph:
         raise SystemExit("error: --winograd and --cuda-graph are inference options (--task infer)")
     elif args.compile:

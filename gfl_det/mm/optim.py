@@ -7,6 +7,7 @@ import math
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
+import torch.distributed as dist
 from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
@@ -46,6 +47,13 @@ class DeferredScalars:
 
 
 _DEFAULT_GUARD = dict(max_consecutive=5)
+
+
+def _max_across_processes(vals: Tensor) -> None:
+    """In a distributed run, ``vals`` becomes the elementwise max over the processes (in place),
+    so that every rank takes the same guard decision; as it is in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vals, op=dist.ReduceOp.MAX)
 
 
 class _PendingCheck(NamedTuple):
@@ -179,9 +187,7 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         grads = ([p.grad for g in self.optimizer.param_groups for p in g['params']
                   if p.grad is not None] if self._guard_grads else [])
         vals = NonFiniteGuard.check(loss, grads)
-        import torch.distributed as tdist
-        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(vals, op=tdist.ReduceOp.MAX)
+        _max_across_processes(vals)
         flag, gmax = vals.tolist()  # the one host sync
         self._grad_max = gmax if grads else None
         return flag > 0
@@ -248,9 +254,7 @@ class OptimWrapper(DeferredScalars, _MMOptimWrapper):
         if self._window_bad is not None:  # an earlier micro-batch of the window had a bad loss
             loss = torch.where(self._window_bad, float('nan'), loss.detach())
         vals = NonFiniteGuard.check(loss, maxes=maxes)
-        import torch.distributed as tdist
-        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(vals, op=tdist.ReduceOp.MAX)
+        _max_across_processes(vals)
         bad = vals[0] > 0
         self._restore_buffers_where(bad)
         term_vals = (None if not self._window_terms else self._window_terms[0] if len(self._window_terms) == 1
